@@ -1,0 +1,226 @@
+"""Command line: argument parsing only; the work happens in runner and extract."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from routeaudit import __version__
+from routeaudit.config import Config
+from routeaudit.errors import RouteAuditError, TraceValidationError, UsageError
+from routeaudit.plugins import (
+    check_hooks,
+    import_user_file,
+    make_plugin_manager,
+    register_user_module,
+)
+from routeaudit.summaries import default_registry
+from routeaudit.verdict import ExitCode
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--seeds expects integers like 0,1,2: {text!r}") from exc
+    if not seeds:
+        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+    return seeds
+
+
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1: {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {text}")
+    return value
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("targets", nargs="+", metavar="TARGET",
+                        help="adapter .py file, trace directory or .npz file")
+    sel = parser.add_argument_group("selection")
+    sel.add_argument("-k", dest="keyword", metavar="EXPR",
+                     help="only cells whose node id matches EXPR (substrings, and/or/not)")
+    sel.add_argument("--audit", action="append", metavar="NAME", help="run only this audit (repeatable)")
+    sel.add_argument("--summary", action="append", metavar="NAME",
+                     help="routing summary to claim about (repeatable; default: all built-in)")
+    st = parser.add_argument_group("statistics")
+    st.add_argument("--seeds", type=_seeds, default=[0, 1, 2], metavar="0,1,2",
+                    help="seeds; each redraws the 50/50 calibration/evaluation split (default 0,1,2)")
+    st.add_argument("--alpha", type=_probability, default=0.05, help="significance level (0.05)")
+    st.add_argument("--permutations", type=_positive, default=999,
+                    help="permutations per test (999)")
+    st.add_argument("--sequential-h", type=_positive, default=None, metavar="H",
+                    help="Besag-Clifford early stop after H exceedances (default off)")
+    st.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap replicates (1000)")
+    st.add_argument("--bins", type=_positive, default=15, help="confidence bins (15)")
+    st.add_argument("--bin-strategy", choices=["equal_mass", "equal_width"], default="equal_mass",
+                    help="confidence bins for matching (equal_mass)")
+    st.add_argument("--strata", choices=["within_bin", "global"], default="within_bin",
+                    help="routing tertiles inside each confidence bin (default) or overall")
+    st.add_argument("--min-count", type=_positive, default=5,
+                    help="least examples in a (bin, stratum) cell for it to count (5)")
+    st.add_argument("--stability", choices=["all", "majority"], default="all",
+                    help="a claim must hold in all seeds (default) or a majority")
+    st.add_argument("--inconclusive", choices=["fail", "warn"], default="fail",
+                    help="whether an inconclusive verdict fails the run (fail)")
+    st.add_argument("--calibrator", metavar="module:factory",
+                    help="calibrator factory to audit (a registered name or module:factory)")
+    st.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    out = parser.add_argument_group("reporting")
+    out.add_argument("--json", metavar="PATH", help="write the JSON report")
+    out.add_argument("--junitxml", metavar="PATH", help="write JUnit XML, one testcase per verdict")
+    out.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+    out.add_argument("-q", "--quiet", action="count", default=0, help="less output")
+    out.add_argument("-v", "--verbose", action="count", default=0, help="more output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="routeaudit",
+        description="Audit routing-aware calibration and interpretability claims.")
+    parser.add_argument("--version", action="version", version=f"routeaudit {__version__}")
+    parser.add_argument("-p", dest="plugins", action="append", default=[], metavar="PLUGIN",
+                        help="load plugin module PLUGIN, or block one with no:NAME (repeatable)")
+    parser.add_argument("--no-entry-points", action="store_true",
+                        help="do not autoload plugins from installed packages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_run_options(sub.add_parser("run", help="run the audit battery on targets"))
+    lst = sub.add_parser("audits", help="list the audits that plugins provide")
+    lst.add_argument("targets", nargs="*", metavar="TARGET", help="adapter files whose plugins count")
+    ext = sub.add_parser("extract", help="extract traces from an adapter and store them")
+    ext.add_argument("targets", nargs=1, metavar="ADAPTER")
+    ext.add_argument("-o", "--output", required=True, help="trace directory to write")
+    ext.add_argument("--device", default=None)
+    ext.add_argument("-q", "--quiet", action="count", default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return int(_main(argv))
+    except KeyboardInterrupt:
+        print("routeaudit: interrupted", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    except TraceValidationError as exc:
+        print(f"routeaudit: invalid traces: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE_ERROR)
+    except RouteAuditError as exc:
+        print(f"routeaudit: error: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE_ERROR)
+    except SystemExit as exc:  # argparse
+        return int(exc.code) if isinstance(exc.code, int) and exc.code != 2 else int(
+            ExitCode.USAGE_ERROR if exc.code else ExitCode.OK)
+    except Exception:
+        traceback.print_exc()
+        print("routeaudit: internal error (please report it)", file=sys.stderr)
+        return int(ExitCode.INTERNAL_ERROR)
+
+
+def split_plugin_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Pull every ``-p NAME`` / ``-pNAME`` out of argv, wherever it stands (as pytest does).
+
+    Plugins must be known before the command line is parsed, because they add options.
+    """
+    plugins: list[str] = []
+    rest: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":
+            rest.append(arg)
+            rest.extend(it)
+            break
+        if arg == "-p":
+            value = next(it, None)
+            if value is None:
+                raise UsageError("-p needs a plugin module name or no:NAME")
+            plugins.append(value)
+        elif arg.startswith("-p") and len(arg) > 2:
+            plugins.append(arg[2:])
+        else:
+            rest.append(arg)
+    return plugins, rest
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
+    plugin_args, argv = split_plugin_args(argv)
+    early, _ = parser.parse_known_args(argv) if argv else (None, None)
+    if early is None:
+        parser.print_help()
+        return int(ExitCode.USAGE_ERROR)
+    pm = make_plugin_manager(plugin_args, load_entry_points=not early.no_entry_points)
+    modules: dict[str, Any] = {}
+    for target in getattr(early, "targets", []) or []:
+        if target.endswith(".py"):
+            module = import_user_file(target)
+            modules[target] = module
+            register_user_module(pm, module, Path(target).name)
+    check_hooks(pm)
+    run_parser = _subparser(parser, "run")
+    pm.hook.routeaudit_addoption.call_historic(kwargs={"parser": run_parser})
+    options = parser.parse_args(argv)
+    config = Config(options=options, pluginmanager=pm, summaries=default_registry())
+    if options.command == "audits":
+        return _list_audits(config)
+    if options.command == "extract":
+        return _extract(options, modules)
+    pm.hook.routeaudit_configure.call_historic(kwargs={"config": config})
+    from routeaudit.runner import run_session
+
+    report = run_session(config, options.targets, modules)
+    pm.hook.routeaudit_sessionfinish(config=config, exitstatus=report.exit_code)
+    return report.exit_code
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices[name]
+    raise RuntimeError("no subparsers")
+
+
+def _list_audits(config: Config) -> int:
+    from routeaudit.runner import collect_audits
+
+    config.options.audit = None
+    audits = collect_audits(config)
+    for audit in audits:
+        needs = ", ".join(sorted(audit.needs))
+        plugin = config.pluginmanager.get_name(
+            config.pluginmanager.get_plugin(type(audit).__module__) or audit) or type(audit).__module__
+        print(f"{audit.name}  [{needs}]  ({plugin})\n    {audit.claim}")
+    return int(ExitCode.OK if audits else ExitCode.NO_AUDITS)
+
+
+def _extract(options: argparse.Namespace, modules: dict[str, Any]) -> int:
+    from routeaudit.adapter import find_adapters, traces_from_adapter
+    from routeaudit.errors import AdapterError
+
+    target = options.targets[0]
+    if target not in modules:
+        raise AdapterError(f"{target}: extract needs an adapter .py file")
+    adapters = find_adapters(modules[target])
+    if len(adapters) != 1:
+        raise AdapterError(f"{target}: expected exactly one @routeaudit.adapter, found {len(adapters)}")
+    traces = traces_from_adapter(adapters[0], device=options.device, progress=not options.quiet)
+    out = Path(options.output)
+    if len(traces) == 1:
+        traces[0].save(out)
+        print(f"wrote {traces[0]!r} to {out}")
+    else:
+        for i, ts in enumerate(traces):
+            ts.save(out / f"replicate-{i}")
+        print(f"wrote {len(traces)} replicates to {out}")
+    return int(ExitCode.OK)

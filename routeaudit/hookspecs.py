@@ -1,0 +1,122 @@
+"""Every hook routeaudit calls, documented where it is declared: the plugin author's manual.
+
+A plugin is any module or object with functions decorated ``@routeaudit.hookimpl`` whose
+names match the specs below. Plugins come, in this order, from the built-in modules, the
+``-p MODULE`` options, the ``routeaudit`` entry-point group of installed packages, and the
+user's own adapter file. ``-p no:NAME`` blocks a plugin by name. A function whose name starts
+with ``routeaudit_`` but matches no spec fails at start-up, so a misspelled hook is never
+silently ignored.
+
+Call order in one session::
+
+    routeaudit_addoption            (historic)  add command-line options
+    routeaudit_configure            (historic)  read options, set up state
+    routeaudit_register_summaries               add routing summaries
+    routeaudit_register_calibrators             add calibrator factories
+    routeaudit_traces_ready                     observe each TraceSet once it is loaded
+    routeaudit_collect_audits                   contribute Audit objects
+    routeaudit_make_executor        (first)     decide how audits are executed
+    routeaudit_verdict                          observe each verdict as it is decided
+    routeaudit_report                           render the finished report
+    routeaudit_sessionfinish                    clean up; sees the exit status
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import argparse
+
+    from routeaudit.audit import Audit, Executor
+    from routeaudit.config import Config
+    from routeaudit.summaries import SummaryRegistry
+    from routeaudit.traces import TraceSet
+    from routeaudit.verdict import Report, Verdict
+
+PROJECT = "routeaudit"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec(historic=True)
+def routeaudit_addoption(parser: argparse.ArgumentParser) -> None:
+    """Add command-line options to ``routeaudit run``.
+
+    Called once per plugin, before the command line is parsed. Use
+    ``parser.add_argument_group("my-plugin")`` and prefix options with the plugin's name.
+    Plugins from the user's adapter file are registered before parsing too, so they may add
+    options as well.
+    """
+
+
+@hookspec(historic=True)
+def routeaudit_configure(config: Config) -> None:
+    """Called after the command line is parsed, with the session's Config.
+
+    Read ``config.options`` (an argparse Namespace) here and keep what you need.
+    """
+
+
+@hookspec
+def routeaudit_register_summaries(registry: SummaryRegistry) -> None:
+    """Register extra routing summaries: ``registry.register(name, fn, description)``.
+
+    ``fn(traces) -> ndarray`` returns one value per example (``shape="scalar"``) or one
+    vector per example (``shape="profile"``). Scalar routing summaries become default cells
+    of the matched-confidence audits.
+    """
+
+
+@hookspec
+def routeaudit_register_calibrators(registry: dict[str, Any]) -> None:
+    """Register calibrator factories by name: ``registry[name] = factory``.
+
+    A factory is a zero-argument callable returning a fresh, unfitted calibrator. Named
+    factories can be selected with ``--calibrator NAME``.
+    """
+
+
+@hookspec
+def routeaudit_traces_ready(config: Config, traces: TraceSet) -> None:
+    """Observe a TraceSet once it is loaded or extracted and validated.
+
+    Raise ``routeaudit.TraceValidationError`` to reject traces that break a plugin's own
+    contract (the run then exits 4).
+    """
+
+
+@hookspec
+def routeaudit_collect_audits(config: Config) -> list[Audit] | None:
+    """Return the Audit objects this plugin contributes (or None).
+
+    An audit has ``name``, ``claim`` (one sentence), ``needs`` (a set drawn from
+    ``{"traces", "calibrator", "model"}``), ``min_examples``, ``cells(ctx)`` (the claims it
+    can test, each a dict) and ``run(ctx, cells) -> list[Verdict]``. Names must be unique.
+    """
+
+
+@hookspec(firstresult=True)
+def routeaudit_make_executor(config: Config) -> Executor | None:
+    """Return the executor that runs audits (an object with ``map(fn, items)``).
+
+    The first non-None result wins; the built-in default runs audits one after another in
+    this process.
+    """
+
+
+@hookspec
+def routeaudit_verdict(config: Config, verdict: Verdict) -> None:
+    """Observe each verdict as soon as it is decided (e.g. for live progress)."""
+
+
+@hookspec
+def routeaudit_report(config: Config, report: Report) -> None:
+    """Render or store the finished report (terminal, JSON, JUnit XML and HTML are plugins)."""
+
+
+@hookspec
+def routeaudit_sessionfinish(config: Config, exitstatus: int) -> None:
+    """Called once at the very end, with the exit status the process will return."""

@@ -1,0 +1,205 @@
+"""The session: load targets, collect and select audits, run them, correct, report.
+
+Stage B of DESIGN.md §5: everything here is a pure function of (traces, options, seed),
+so a given seed gives bit-identical verdicts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from routeaudit import __version__
+from routeaudit.adapter import find_adapters, traces_from_adapter
+from routeaudit.audit import Audit, AuditContext, SeedData, SerialExecutor, stratified_split
+from routeaudit.config import Config
+from routeaudit.errors import AdapterError, UsageError
+from routeaudit.summaries import FeatureCache
+from routeaudit.traces import TraceSet
+from routeaudit.verdict import Report, Status, Summary, Verdict, exit_code_for
+
+
+@dataclass
+class Target:
+    """One thing to audit: a name for node ids, its traces (replicates), and its calibrator."""
+
+    name: str
+    traces: list[TraceSet]
+    calibrator: Any = None
+
+
+def load_target(path: str, config: Config, modules: dict[str, Any]) -> Target:
+    """A ``.py`` adapter file, a trace directory or a ``.npz`` file → Target."""
+    p = Path(path)
+    if p.suffix == ".py":
+        module = modules[path]
+        adapters = find_adapters(module)
+        if not adapters:
+            raise AdapterError(f"{path}: no adapter found; mark one with @routeaudit.adapter")
+        if len(adapters) > 1:
+            raise AdapterError(f"{path}: {len(adapters)} adapters found; mark exactly one")
+        traces = traces_from_adapter(adapters[0], device=config.options.device,
+                                     progress=not config.options.quiet)
+        calibrator = getattr(module, "__routeaudit_calibrator__", None)
+        return Target(path, traces, calibrator)
+    if p.is_dir() or p.suffix == ".npz":
+        if not p.exists():
+            raise UsageError(f"target not found: {path}")
+        return Target(path, [TraceSet.load(p)])
+    raise UsageError(f"target {path!r} is not an adapter .py file, a trace directory or a .npz")
+
+
+def seed_data_for(target: Target, seeds: list[int], config: Config) -> list[SeedData]:
+    """Replicates are the seeds when there are several; else each seed redraws the split."""
+    if len(target.traces) > 1:
+        pairs = list(zip(range(len(target.traces)), target.traces, strict=True))
+    else:
+        pairs = [(seed, target.traces[0]) for seed in seeds]
+    out = []
+    caches: dict[int, FeatureCache] = {}
+    for seed, traces in pairs:
+        cache = caches.setdefault(id(traces), FeatureCache(traces, config.summaries))
+        data = SeedData(seed, traces, cal_index=None, eval_index=None, features=cache)  # type: ignore[arg-type]
+        data.cal_index, data.eval_index = stratified_split(data.confidence, data.correct, seed)
+        out.append(data)
+    return out
+
+
+_K_TOKEN = re.compile(r"\s*(\(|\)|and\b|or\b|not\b|[^\s()]+)")
+
+
+def keyword_matches(expression: str, nodeid: str) -> bool:
+    """pytest-like ``-k``: words match as case-insensitive substrings; and/or/not/parentheses."""
+    tokens = _K_TOKEN.findall(expression)
+    if not tokens:
+        return True
+    pieces = []
+    for token in tokens:
+        if token in ("(", ")", "and", "or", "not"):
+            pieces.append(token)
+        else:
+            pieces.append(str(token.lower() in nodeid.lower()))
+    try:
+        return bool(eval(" ".join(pieces), {"__builtins__": {}}, {}))  # only True/False/ops
+    except SyntaxError as exc:
+        raise UsageError(f"-k {expression!r}: malformed expression") from exc
+
+
+def collect_audits(config: Config) -> list[Audit]:
+    audits: list[Audit] = []
+    for contributed in config.hook.routeaudit_collect_audits(config=config):
+        audits.extend(contributed or [])
+    names = [a.name for a in audits]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise UsageError(f"audit names registered twice: {', '.join(sorted(duplicates))}")
+    wanted = config.options.audit or []
+    unknown = set(wanted) - set(names)
+    if unknown:
+        raise UsageError(f"unknown audit(s): {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(names))}")
+    if wanted:
+        audits = [a for a in audits if a.name in wanted]
+    return audits
+
+
+def _node(target: str, audit: str, cell: dict[str, Any]) -> str:
+    cell_id = "-".join(str(v) for v in cell.values())
+    return f"{target}::{audit}[{cell_id}]" if cell else f"{target}::{audit}"
+
+
+def error_verdicts(audit: Audit, cells: list[dict[str, Any]], target: str,
+                   exc: BaseException) -> list[Verdict]:
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return [Verdict(audit=audit.name, claim=audit.claim, cell=cell, status=Status.ERROR,
+                    reason=f"{type(exc).__name__}: {exc}", target=target, traceback=tb)
+            for cell in cells or [{}]]
+
+
+def run_audits(config: Config, target: Target, audits: list[Audit], seeds: list[int]
+               ) -> list[Verdict]:
+    """Run the selected cells of every audit on one target; an exception becomes `error`."""
+    needs_calibrator = target.calibrator or config.calibrators.get("__cli__")
+    ctx = AuditContext(target=target.name, seeds=seed_data_for(target, seeds, config),
+                       settings=config.settings(), summaries=config.summaries,
+                       requested_summaries=list(config.options.summary or []),
+                       calibrator=needs_calibrator, options=config.options)
+    for name in ctx.requested_summaries:
+        config.summaries.get(name)  # unknown names are a usage error, before any work
+    plan = []
+    for audit in audits:
+        if "calibrator" in audit.needs and ctx.calibrator is None:
+            continue
+        cells = audit.cells(ctx)
+        if config.options.keyword:
+            cells = [c for c in cells
+                     if keyword_matches(config.options.keyword, _node(target.name, audit.name, c))]
+        if cells:
+            for seed in ctx.seeds:
+                seed.traces.require_examples(audit.min_examples, f"audit {audit.name}")
+            plan.append((audit, cells))
+
+    def run_one(item: tuple[Audit, list[dict[str, Any]]]) -> list[Verdict]:
+        audit, cells = item
+        try:
+            verdicts = audit.run(ctx, cells)
+        except Exception as exc:
+            return error_verdicts(audit, cells, target.name, exc)
+        for verdict in verdicts:
+            verdict.target = target.name
+        return verdicts
+
+    executor = config.hook.routeaudit_make_executor(config=config) or SerialExecutor()
+    verdicts: list[Verdict] = []
+    for batch in executor.map(run_one, plan):
+        for verdict in batch:
+            config.hook.routeaudit_verdict(config=config, verdict=verdict)
+            verdicts.append(verdict)
+    return verdicts
+
+
+def resolve_calibrator(spec: str | None, config: Config) -> Any:
+    """``--calibrator NAME`` (registered by a plugin) or ``module:factory``."""
+    if not spec:
+        return None
+    if spec in config.calibrators:
+        return config.calibrators[spec]
+    module_name, _, attr = spec.partition(":")
+    if not attr:
+        raise UsageError(f"--calibrator {spec!r}: expected a registered name or module:factory")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UsageError(f"--calibrator {spec!r}: {exc}") from exc
+
+
+def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> Report:
+    """Load every target, run the battery, build the report and hand it to the reporters."""
+    started = time.perf_counter()
+    config.hook.routeaudit_register_summaries(registry=config.summaries)
+    config.hook.routeaudit_register_calibrators(registry=config.calibrators)
+    cli_calibrator = resolve_calibrator(config.options.calibrator, config)
+    if cli_calibrator is not None:
+        config.calibrators["__cli__"] = cli_calibrator
+    seeds = config.options.seeds
+    loaded = []
+    for path in targets:
+        target = load_target(path, config, modules)
+        for traces in target.traces:
+            config.hook.routeaudit_traces_ready(config=config, traces=traces)
+        loaded.append(target)
+    audits = collect_audits(config)
+    verdicts: list[Verdict] = []
+    for target in loaded:
+        verdicts.extend(run_audits(config, target, audits, seeds))
+    code = exit_code_for(verdicts, inconclusive_fails=config.options.inconclusive == "fail")
+    report = Report(routeaudit_version=__version__, exit_code=int(code), targets=targets,
+                    seeds=seeds, config=config.as_dict(), verdicts=verdicts,
+                    summary=Summary.of(verdicts), duration_s=time.perf_counter() - started)
+    config.hook.routeaudit_report(config=config, report=report)
+    return report

@@ -1,0 +1,204 @@
+"""Routing summaries: named functions of a TraceSet giving one value (or one profile) per example.
+
+The definitions follow methods.md §2.1. Where the papers leave a choice open the default
+is the one methods.md gives, and the alternative is registered under its own name, so a
+report always says which variant was audited:
+
+- ``r_agg``: mean over layers with ≥ 2 valid sources of H_l = −Σ_k α_k log α_k (nats).
+- ``r_agg_normalized``: the same with H_l / log n_l (n_l = valid sources at layer l).
+- ``depth_variance``: variant A, the routing-weighted variance of the normalised source depth
+  within each layer, averaged over layers (AR-CondCal's auxiliary feature, default).
+- ``depth_variance_across``: variant B, the variance across layers of the expected depth.
+- ``profile`` / ``profile_normalized``: the full vector (H_1..H_L') for MLP calibrators.
+- ``H<l>`` / ``H<l>_norm``: the entropy of one layer (0-based l), resolved on demand.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from routeaudit.errors import UsageError
+from routeaudit.metrics import confidence_and_correct
+from routeaudit.traces import TraceSet
+
+SummaryFn = Callable[[TraceSet], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A registered summary: its function and what it is (for listing and default cells)."""
+
+    name: str
+    fn: SummaryFn
+    description: str
+    kind: Literal["routing", "output"] = "routing"
+    shape: Literal["scalar", "profile"] = "scalar"
+
+
+class SummaryRegistry:
+    """Name → Summary. Plugins add entries through ``routeaudit_register_summaries``."""
+
+    _layer_pattern = re.compile(r"^H(\d+)(_norm)?$")
+
+    def __init__(self) -> None:
+        self._items: dict[str, Summary] = {}
+
+    def register(self, name: str, fn: SummaryFn, description: str, *,
+                 kind: Literal["routing", "output"] = "routing",
+                 shape: Literal["scalar", "profile"] = "scalar") -> None:
+        if name in self._items:
+            raise UsageError(f"summary {name!r} is registered twice")
+        self._items[name] = Summary(name, fn, description, kind, shape)
+
+    def get(self, name: str) -> Summary:
+        if name in self._items:
+            return self._items[name]
+        match = self._layer_pattern.match(name)
+        if match:
+            layer, normalized = int(match.group(1)), bool(match.group(2))
+            return Summary(name, lambda ts: layer_entropy(ts, layer, normalized=normalized),
+                           f"routing entropy of layer {layer}"
+                           + (" / log n_l" if normalized else ""))
+        known = ", ".join(sorted(self._items))
+        raise UsageError(f"unknown summary {name!r}; known: {known}, or H<layer>[_norm]")
+
+    def __iter__(self) -> Iterator[Summary]:
+        return iter(self._items.values())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (name in self._items
+                                          or bool(self._layer_pattern.match(name)))
+
+    def default_cells(self) -> list[str]:
+        """Scalar routing summaries: the claims audited when the user names none."""
+        return [s.name for s in self if s.kind == "routing" and s.shape == "scalar"]
+
+
+class FeatureCache:
+    """Memoised summaries of one TraceSet, so each is computed once per run."""
+
+    def __init__(self, traces: TraceSet, registry: SummaryRegistry) -> None:
+        self.traces = traces
+        self.registry = registry
+        self._values: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._values:
+            value = np.asarray(self.registry.get(name).fn(self.traces), dtype=np.float64)
+            if value.shape[0] != self.traces.n_examples:
+                raise UsageError(f"summary {name!r} returned {value.shape[0]} values for "
+                                 f"{self.traces.n_examples} examples")
+            self._values[name] = value
+        return self._values[name]
+
+
+# ---------------------------------------------------------------------- definitions
+def _routing64(traces: TraceSet) -> np.ndarray:
+    return np.where(traces.source_mask[None], traces.routing.astype(np.float64), 0.0)
+
+
+def _multi_source_layers(traces: TraceSet) -> np.ndarray:
+    return traces.source_mask.sum(axis=1) >= 2
+
+
+def entropy_profile(traces: TraceSet, *, normalized: bool = False) -> np.ndarray:
+    """H_l per example for every layer with ≥ 2 valid sources: shape [N, L']."""
+    alpha = _routing64(traces)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(alpha > 0, alpha * np.log(alpha), 0.0).sum(axis=2)
+    keep = _multi_source_layers(traces)
+    h = h[:, keep]
+    if normalized:
+        h = h / np.log(traces.source_mask.sum(axis=1)[keep])[None, :]
+    return h
+
+
+def layer_entropy(traces: TraceSet, layer: int, *, normalized: bool = False) -> np.ndarray:
+    """H_l of one layer (0 where the layer has a single source)."""
+    if not 0 <= layer < traces.n_layers:
+        raise UsageError(f"layer {layer} out of range: traces have {traces.n_layers} layers")
+    alpha = _routing64(traces)[:, layer, :]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        h = -np.where(alpha > 0, alpha * np.log(alpha), 0.0).sum(axis=1)
+    n_valid = int(traces.source_mask[layer].sum())
+    if normalized:
+        return h / np.log(n_valid) if n_valid > 1 else np.zeros_like(h)
+    return h
+
+
+def source_depths(traces: TraceSet) -> np.ndarray:
+    """δ_k: rank of source k among the layer's valid sources, divided by the largest rank."""
+    mask = traces.source_mask
+    rank = np.cumsum(mask, axis=1) - 1
+    top = np.maximum(mask.sum(axis=1, keepdims=True) - 1, 1)
+    return np.where(mask, rank / top, 0.0)
+
+
+def _layer_depth_moments(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
+    alpha = _routing64(traces)
+    depth = source_depths(traces)[None]
+    mean = (alpha * depth).sum(axis=2)
+    var = (alpha * (depth - mean[..., None]) ** 2).sum(axis=2)
+    keep = _multi_source_layers(traces)
+    return mean[:, keep], var[:, keep]
+
+
+def _mean_over_layers(values: np.ndarray) -> np.ndarray:
+    if values.shape[1] == 0:
+        return np.zeros(values.shape[0])
+    return values.mean(axis=1)
+
+
+def r_agg(traces: TraceSet) -> np.ndarray:
+    return _mean_over_layers(entropy_profile(traces))
+
+
+def r_agg_normalized(traces: TraceSet) -> np.ndarray:
+    return _mean_over_layers(entropy_profile(traces, normalized=True))
+
+
+def depth_variance(traces: TraceSet) -> np.ndarray:
+    return _mean_over_layers(_layer_depth_moments(traces)[1])
+
+
+def depth_variance_across(traces: TraceSet) -> np.ndarray:
+    mean, _ = _layer_depth_moments(traces)
+    if mean.shape[1] < 2:
+        return np.zeros(mean.shape[0])
+    return mean.var(axis=1)
+
+
+def confidence(traces: TraceSet) -> np.ndarray:
+    return confidence_and_correct(traces.logits, traces.labels)[0]
+
+
+def predictive_entropy(traces: TraceSet) -> np.ndarray:
+    logits = traces.logits.astype(np.float64)
+    logp = logits - logits.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    return -(np.exp(logp) * logp).sum(axis=1)
+
+
+def default_registry() -> SummaryRegistry:
+    """A registry holding the built-in summaries."""
+    registry = SummaryRegistry()
+    registry.register("r_agg", r_agg, "mean routing entropy over layers (nats)")
+    registry.register("r_agg_normalized", r_agg_normalized,
+                      "mean routing entropy over layers, each / log n_l")
+    registry.register("depth_variance", depth_variance,
+                      "routing-weighted variance of source depth, mean over layers (variant A)")
+    registry.register("depth_variance_across", depth_variance_across,
+                      "variance across layers of the expected source depth (variant B)")
+    registry.register("profile", entropy_profile, "per-layer routing entropies H_1..H_L",
+                      shape="profile")
+    registry.register("profile_normalized", lambda ts: entropy_profile(ts, normalized=True),
+                      "per-layer routing entropies, each / log n_l", shape="profile")
+    registry.register("confidence", confidence, "top-label softmax probability", kind="output")
+    registry.register("predictive_entropy", predictive_entropy,
+                      "entropy of the softmax (nats)", kind="output")
+    return registry

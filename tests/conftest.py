@@ -1,0 +1,26 @@
+"""Shared test set-up: one thread (the CI machines have 2 shared cores), fixture helpers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def planted_traces():
+    from routeaudit.fixtures.synthetic import make_traces
+
+    return make_traces("planted", 6000, seed=0)
+
+
+@pytest.fixture(scope="session")
+def null_traces():
+    from routeaudit.fixtures.synthetic import make_traces
+
+    return make_traces("null", 6000, seed=0)

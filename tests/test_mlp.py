@@ -1,0 +1,173 @@
+"""The full-vector MLP: batched training equals one-at-a-time, and it learns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from routeaudit.calibrators import MLPCalibrator, clone, fit_many
+from routeaudit.calibrators.mlp import _MaskedAdam
+
+SMALL = dict(hidden_layer_sizes=(32, 32), max_epochs=25, restarts=2, batch_size=64)
+
+
+def xor_data(n, seed, L=4):
+    """Correctness depends on an interaction of two profile columns (no linear signal)."""
+    rng = np.random.default_rng(seed)
+    c = rng.uniform(0.3, 1.0, n)
+    H = rng.normal(size=(n, L))
+    logit = 3.0 * np.sign(H[:, 0] * H[:, 1]) * np.minimum(np.abs(H[:, 0] * H[:, 1]), 1.0)
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(float)
+    return np.column_stack([c, H]), y
+
+
+def nll(p, y):
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def assert_same_model(a: MLPCalibrator, b: MLPCalibrator, X, tol=1e-5):
+    assert a.selected_restart_ == b.selected_restart_
+    assert a.n_epochs_ == b.n_epochs_ and a.best_epoch_ == b.best_epoch_
+    for wa, wb in zip(a.coefs_ + a.intercepts_, b.coefs_ + b.intercepts_, strict=True):
+        np.testing.assert_allclose(wa, wb, rtol=0, atol=tol)
+    np.testing.assert_allclose(a.predict(X), b.predict(X), rtol=0, atol=tol)
+    np.testing.assert_allclose(a.restart_val_losses_, b.restart_val_losses_, rtol=0, atol=tol)
+
+
+def test_fit_many_equals_training_each_alone_with_different_sizes():
+    sizes = [300, 517, 129, 300]
+    data = [xor_data(n, seed=i) for i, n in enumerate(sizes)]
+    seeds = [0, 1, 2, 0]
+    batched = fit_many([d[0] for d in data], [d[1] for d in data], seeds, **SMALL)
+    assert len(batched) == 4
+    for (X, y), seed, model in zip(data, seeds, batched, strict=True):
+        alone = MLPCalibrator(**SMALL, random_state=seed).fit(X, y)
+        assert model.random_state == seed
+        assert_same_model(model, alone, X)
+
+
+def test_fit_many_control_set_three_seeds_four_variants():
+    """The audit's use: 3 seeds × (full, zeros, within-bin shuffled, global shuffled)."""
+    Xs, ys, seeds = [], [], []
+    for s in range(3):
+        X, y = xor_data(600, seed=10 + s)
+        rng = np.random.default_rng(s)
+        zeros = X.copy()
+        zeros[:, 1:] = 0.0
+        shuffled = X.copy()
+        shuffled[:, 1:] = X[rng.permutation(600), 1:]
+        order = np.argsort(X[:, 0])
+        within = X.copy()
+        for chunk in np.array_split(order, 10):
+            within[chunk, 1:] = X[rng.permutation(chunk), 1:]
+        for variant in (X, zeros, within, shuffled):
+            Xs.append(variant)
+            ys.append(y)
+            seeds.append(s)
+    models = fit_many(Xs, ys, seeds, **SMALL)
+    for k in (0, 5, 11):
+        alone = MLPCalibrator(**SMALL, random_state=seeds[k]).fit(Xs[k], ys[k])
+        assert_same_model(models[k], alone, Xs[k])
+    # the zeros twin sees nothing but confidence: its routing inputs are standardised to 0
+    assert not models[1].active_columns_[1:].any() and models[1].active_columns_[0]
+
+
+def test_mlp_learns_a_nonlinear_problem():
+    from sklearn.linear_model import LogisticRegression
+
+    X, y = xor_data(4000, seed=0)
+    Xt, yt = xor_data(4000, seed=1)
+    est = MLPCalibrator(max_epochs=60, restarts=1, random_state=0).fit(X, y)
+    linear = LogisticRegression(C=np.inf, max_iter=1000).fit(X, y).predict_proba(Xt)[:, 1]
+    constant = nll(np.full(len(yt), y.mean()), yt)
+    assert nll(est.predict(Xt), yt) < constant - 0.1
+    assert nll(est.predict(Xt), yt) < nll(linear, yt) - 0.1
+    assert est.best_val_loss_ < constant - 0.1
+
+
+def test_learned_state_and_early_stopping():
+    X, y = xor_data(500, seed=3)
+    est = MLPCalibrator(**{**SMALL, "max_epochs": 200, "patience": 3}, random_state=1).fit(X, y)
+    d = X.shape[1]
+    assert est.n_parameters_ == d * 32 + 32 + 32 * 32 + 32 + 32 + 1
+    assert MLPCalibrator().fit(X, y).n_parameters_ == d * 64 + 64 + 64 * 64 + 64 + 64 + 1
+    assert [w.shape for w in est.coefs_] == [(d, 32), (32, 32), (32, 1)]
+    assert est.best_val_loss_ == pytest.approx(est.restart_val_losses_.min())
+    assert est.selected_restart_ == int(np.argmin(est.restart_val_losses_))
+    assert est.best_epoch_ <= est.n_epochs_
+    if est.n_epochs_ < 200:  # stopped early: exactly `patience` epochs without improvement
+        assert est.n_epochs_ - est.best_epoch_ == 3
+
+
+def test_zero_variance_columns_become_zero_inputs():
+    X, y = xor_data(400, seed=4)
+    a = X.copy()
+    a[:, 2] = 0.0
+    b = X.copy()
+    b[:, 2] = 5.0
+    ma = MLPCalibrator(**SMALL).fit(a, y)
+    mb = MLPCalibrator(**SMALL).fit(b, y)
+    assert not ma.active_columns_[2]
+    np.testing.assert_array_equal(ma.predict(a), mb.predict(b))
+    np.testing.assert_array_equal(
+        mb.predict(b), mb.predict(np.column_stack([b[:, :2], np.full(len(b), -3.0), b[:, 3:]]))
+    )
+
+
+def test_determinism_and_seeds():
+    X, y = xor_data(400, seed=5)
+    p1 = MLPCalibrator(**SMALL, random_state=7).fit(X, y).predict(X)
+    p2 = clone(MLPCalibrator(**SMALL, random_state=7)).fit(X, y).predict(X)
+    p3 = MLPCalibrator(**SMALL, random_state=8).fit(X, y).predict(X)
+    np.testing.assert_array_equal(p1, p2)
+    assert np.max(np.abs(p1 - p3)) > 1e-4
+
+
+def test_masked_adam_matches_torch_adam():
+    rng = np.random.default_rng(0)
+    init = rng.normal(size=(3, 7))
+    grads = [rng.normal(size=(3, 7)) for _ in range(6)]
+    active = [np.array([True, True, True]), np.array([True, False, True])] * 3
+    p = torch.tensor(init, dtype=torch.float64)
+    opt = _MaskedAdam(p.shape, lr=1e-2, weight_decay=1e-2, device="cpu", dtype=torch.float64)
+    refs = [torch.nn.Parameter(torch.tensor(init[b], dtype=torch.float64)) for b in range(3)]
+    ref_opts = [torch.optim.Adam([r], lr=1e-2, weight_decay=1e-2) for r in refs]
+    for g, act in zip(grads, active, strict=True):
+        opt.step(p, torch.tensor(g, dtype=torch.float64), act)
+        for b in range(3):
+            if act[b]:
+                refs[b].grad = torch.tensor(g[b], dtype=torch.float64)
+                ref_opts[b].step()
+    for b in range(3):
+        np.testing.assert_allclose(p[b].numpy(), refs[b].detach().numpy(), rtol=1e-12, atol=1e-14)
+    assert opt.t.tolist() == [6, 3, 6]
+
+
+def test_fit_many_rejects_bad_input():
+    X, y = xor_data(100, seed=0)
+    with pytest.raises(ValueError, match="columns"):
+        fit_many([X, X[:, :3]], [y, y], [0, 1], **SMALL)
+    with pytest.raises(ValueError, match="differ in length"):
+        fit_many([X], [y, y], [0])
+    with pytest.raises(TypeError, match="seeds"):
+        fit_many([X], [y], [0], random_state=3)
+    assert fit_many([], [], []) == []
+
+
+def test_hand_written_gradient_matches_autograd():
+    from routeaudit.calibrators import mlp
+
+    layers = mlp._layer_sizes(5, (7, 6))
+    gen = torch.Generator().manual_seed(0)
+    flat = torch.randn(3, mlp._n_parameters(5, (7, 6)), dtype=torch.float64, generator=gen)
+    x = torch.randn(3, 11, 5, dtype=torch.float64, generator=gen)
+    y = (torch.rand(3, 11, generator=gen) < 0.5).double()
+    mask = torch.ones(3, 11, dtype=torch.float64)
+    mask[1, 7:] = 0.0
+    grad = mlp._gradient(flat, x, y, mask / mask.sum(1, keepdim=True), layers)
+    leaf = flat.clone().requires_grad_(True)
+    loss = mlp._masked_bce(mlp._forward(leaf, x, layers), y, mask).sum()
+    (ref,) = torch.autograd.grad(loss, leaf)
+    torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-14)
