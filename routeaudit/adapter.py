@@ -53,6 +53,17 @@ class Adapter:
     def forward(self, model: Any, batch: Any) -> ForwardOutput:
         raise NotImplementedError
 
+    def intervene(self, model: Any, intervention: Any) -> Any:
+        """A context manager under which ``forward`` applies a RoutingIntervention.
+
+        Optional: causal audits are skipped for adapters that do not override it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not implement intervene()")
+
+    @classmethod
+    def supports_intervention(cls) -> bool:
+        return cls.intervene is not Adapter.intervene
+
 
 class TraceAdapter:
     """An adapter over traces that already exist on disk."""

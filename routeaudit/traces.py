@@ -39,6 +39,9 @@ class TraceMeta(BaseModel):
     routing_mode: Literal["soft", "hard"] = "soft"
     source_families: dict[str, list[int]] = Field(default_factory=dict)
     layer_names: list[str] | None = None
+    layer_types: list[str] | None = None  # per routing layer: "attn" | "mlp" | "final" | ...
+    layer_depth: list[int] | None = None  # per routing layer: transformer block index
+    schedule: list[list[float]] | None = None  # analytic routing [L, S] the model declares
     replicate: int | None = None  # index of a trained replicate; replicates become the seeds
     per_token: bool = False
 
