@@ -98,15 +98,21 @@ def find_adapters(module: ModuleType) -> list[Any]:
     return found
 
 
-def traces_from_adapter(obj: Any, *, device: str | None = None,
-                        progress: bool = True) -> list[TraceSet]:
-    """Turn any registered adapter into a list of validated TraceSets."""
+def traces_from_adapter(obj: Any, *, device: str | None = None, progress: bool | str = True,
+                        autocast: str | None = None, cache: bool = True,
+                        cache_dir: str | os.PathLike[str] | None = None) -> list[TraceSet]:
+    """Turn any registered adapter into a list of validated TraceSets.
+
+    Model adapters go through :func:`routeaudit.extract.extract_traces` (device, bf16
+    autocast, progress, and the content-addressed cache unless ``cache=False``).
+    """
     if isinstance(obj, type) and issubclass(obj, Adapter):
         obj = obj()
     if isinstance(obj, Adapter):
         from routeaudit.extract import extract_traces
 
-        return [extract_traces(obj, device=device, progress=progress)]
+        return [extract_traces(obj, device=device, progress=progress, autocast=autocast,
+                               cache=cache, cache_dir=cache_dir)]
     if hasattr(obj, "traces") and callable(obj.traces):
         result = obj.traces()
     elif callable(obj):

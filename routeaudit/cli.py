@@ -77,12 +77,24 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     st.add_argument("--calibrator", metavar="module:factory",
                     help="calibrator factory to audit (a registered name or module:factory)")
     st.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
+    add_extraction_options(st)
     out = parser.add_argument_group("reporting")
     out.add_argument("--json", metavar="PATH", help="write the JSON report")
     out.add_argument("--junitxml", metavar="PATH", help="write JUnit XML, one testcase per verdict")
     out.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
     out.add_argument("-q", "--quiet", action="count", default=0, help="less output")
     out.add_argument("-v", "--verbose", action="count", default=0, help="more output")
+
+
+def add_extraction_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """Stage A options shared by ``run`` and ``extract`` (see routeaudit.extract)."""
+    parser.add_argument("--cache-dir", metavar="DIR", default=None,
+                        help="trace cache directory (default: $ROUTEAUDIT_CACHE_DIR, "
+                             "else ./.routeaudit_cache)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="always run the model; neither read nor write the trace cache")
+    parser.add_argument("--autocast", choices=["none", "bf16"], default="none",
+                        help="run the model under bf16 autocast (default none)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     ext.add_argument("targets", nargs=1, metavar="ADAPTER")
     ext.add_argument("-o", "--output", required=True, help="trace directory to write")
     ext.add_argument("--device", default=None)
+    add_extraction_options(ext)
     ext.add_argument("-q", "--quiet", action="count", default=0)
     return parser
 
@@ -214,7 +227,9 @@ def _extract(options: argparse.Namespace, modules: dict[str, Any]) -> int:
     adapters = find_adapters(modules[target])
     if len(adapters) != 1:
         raise AdapterError(f"{target}: expected exactly one @routeaudit.adapter, found {len(adapters)}")
-    traces = traces_from_adapter(adapters[0], device=options.device, progress=not options.quiet)
+    traces = traces_from_adapter(adapters[0], device=options.device, progress=not options.quiet,
+                                 autocast=options.autocast, cache=not options.no_cache,
+                                 cache_dir=options.cache_dir)
     out = Path(options.output)
     if len(traces) == 1:
         traces[0].save(out)

@@ -43,8 +43,12 @@ def load_target(path: str, config: Config, modules: dict[str, Any]) -> Target:
             raise AdapterError(f"{path}: no adapter found; mark one with @routeaudit.adapter")
         if len(adapters) > 1:
             raise AdapterError(f"{path}: {len(adapters)} adapters found; mark exactly one")
-        traces = traces_from_adapter(adapters[0], device=config.options.device,
-                                     progress=not config.options.quiet)
+        options = config.options
+        traces = traces_from_adapter(adapters[0], device=options.device,
+                                     progress=not options.quiet,
+                                     autocast=getattr(options, "autocast", None),
+                                     cache=not getattr(options, "no_cache", False),
+                                     cache_dir=getattr(options, "cache_dir", None))
         calibrator = getattr(module, "__routeaudit_calibrator__", None)
         return Target(path, traces, calibrator)
     if p.is_dir() or p.suffix == ".npz":
