@@ -9,6 +9,8 @@ __version__ = "0.1.0"
 
 from routeaudit.adapter import Adapter, ForwardOutput, TraceAdapter, adapter
 from routeaudit.audit import AuditContext, AuditSettings, SeedData
+from routeaudit.calibrators.base import BaseCalibrator, calibrator, clone
+from routeaudit.calibrators.checks import check_calibrator
 from routeaudit.errors import (
     AdapterError,
     AuditError,
@@ -17,6 +19,7 @@ from routeaudit.errors import (
     UsageError,
 )
 from routeaudit.hookspecs import hookimpl, hookspec
+from routeaudit.intervention import RoutingIntervention
 from routeaudit.traces import TraceMeta, TraceSet
 from routeaudit.verdict import ExitCode, Report, Status, Verdict
 
@@ -26,10 +29,12 @@ __all__ = [
     "AuditContext",
     "AuditError",
     "AuditSettings",
+    "BaseCalibrator",
     "ExitCode",
     "ForwardOutput",
     "Report",
     "RouteAuditError",
+    "RoutingIntervention",
     "SeedData",
     "Status",
     "TraceAdapter",
@@ -40,6 +45,9 @@ __all__ = [
     "Verdict",
     "__version__",
     "adapter",
+    "calibrator",
+    "check_calibrator",
+    "clone",
     "hookimpl",
     "hookspec",
 ]

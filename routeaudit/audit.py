@@ -113,15 +113,43 @@ class AuditContext:
     requested_summaries: list[str] = field(default_factory=list)
     calibrator: Any = None
     options: Any = None
+    #: Results that several audits share (e.g. fitted calibrator studies), keyed by the owner.
+    cache: dict[Any, Any] = field(default_factory=dict)
 
     def rng(self, audit: str, cell: str, seed: int) -> np.random.Generator:
         """The reproducible random stream of one (audit, cell, seed)."""
         return rng_for(audit, cell, seed)
 
     def summary_cells(self) -> list[dict[str, Any]]:
-        """Cells for summary-based audits: the user's --summary names, else the defaults."""
-        names = self.requested_summaries or self.summaries.default_cells()
+        """Cells for summary-based audits: the user's --summary names, else the routing
+        features the registered calibrator declares (what is claimed decides what can fail),
+        else every built-in scalar routing summary."""
+        names = (self.requested_summaries or self.calibrator_summaries()
+                 or self.summaries.default_cells())
         return [{"summary": name} for name in names]
+
+    def calibrator_summaries(self) -> list[str]:
+        """Scalar routing summaries behind the calibrator's features (a profile: each H_l)."""
+        from routeaudit.calibrators.base import spec_of
+
+        spec = spec_of(self.calibrator) if self.calibrator is not None else None
+        if spec is None or not self.seeds:
+            return []
+        traces = self.seeds[0].traces
+        names: list[str] = []
+        for feature in spec.features:
+            if feature not in self.summaries:
+                continue
+            summary = self.summaries.get(feature)
+            if summary.kind != "routing":
+                continue
+            if summary.shape == "scalar":
+                names.append(feature)
+            else:
+                suffix = "_norm" if feature.endswith("_normalized") else ""
+                multi = np.flatnonzero(traces.source_mask.sum(axis=1) >= 2)
+                names.extend(f"H{layer}{suffix}" for layer in multi)
+        return list(dict.fromkeys(names))
 
 
 def stratified_split(confidence: np.ndarray, correct: np.ndarray, seed: int,

@@ -74,6 +74,9 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                     help="a claim must hold in all seeds (default) or a majority")
     st.add_argument("--inconclusive", choices=["fail", "warn"], default="fail",
                     help="whether an inconclusive verdict fails the run (fail)")
+    st.add_argument("--tertile-summary", metavar="NAME", default=None,
+                    help="routing summary whose tertiles define worst-tertile ECE (default: the "
+                         "calibrator's first scalar routing feature, else r_agg)")
     st.add_argument("--calibrator", metavar="module:factory",
                     help="calibrator factory to audit (a registered name or module:factory)")
     st.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")

@@ -19,6 +19,10 @@ ENTRY_POINT_GROUP = "routeaudit"
 BUILTIN_PLUGINS: dict[str, str] = {
     "stratification": "routeaudit.audits.stratification",
     "permutation_null": "routeaudit.audits.permutation_null",
+    "capacity_control": "routeaudit.audits.capacity_control",
+    "shuffled_profile": "routeaudit.audits.shuffled_profile",
+    "baseline_gain": "routeaudit.audits.baseline_gain",
+    "bandwidth_sensitivity": "routeaudit.audits.bandwidth_sensitivity",
     "terminal": "routeaudit.report.terminal",
     "jsonreport": "routeaudit.report.jsonreport",
     "junitxml": "routeaudit.report.junitxml",

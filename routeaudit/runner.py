@@ -17,6 +17,7 @@ from typing import Any
 from routeaudit import __version__
 from routeaudit.adapter import find_adapters, traces_from_adapter
 from routeaudit.audit import Audit, AuditContext, SeedData, SerialExecutor, stratified_split
+from routeaudit.calibrators import REFERENCE_CALIBRATORS, find_calibrators
 from routeaudit.config import Config
 from routeaudit.errors import AdapterError, UsageError
 from routeaudit.summaries import FeatureCache
@@ -49,13 +50,30 @@ def load_target(path: str, config: Config, modules: dict[str, Any]) -> Target:
                                      autocast=getattr(options, "autocast", None),
                                      cache=not getattr(options, "no_cache", False),
                                      cache_dir=getattr(options, "cache_dir", None))
-        calibrator = getattr(module, "__routeaudit_calibrator__", None)
-        return Target(path, traces, calibrator)
+        return Target(path, traces, file_calibrator(path, module, config))
     if p.is_dir() or p.suffix == ".npz":
         if not p.exists():
             raise UsageError(f"target not found: {path}")
         return Target(path, [TraceSet.load(p)])
     raise UsageError(f"target {path!r} is not an adapter .py file, a trace directory or a .npz")
+
+
+def file_calibrator(path: str, module: Any, config: Config) -> Any:
+    """The calibrator registered in the user's file with ``@routeaudit.calibrator``.
+
+    With several, ``--calibrator NAME`` picks one; without one, the target has none (and
+    the calibrator audits do not apply to it).
+    """
+    specs = find_calibrators(module)
+    if len(specs) <= 1:
+        return specs[0] if specs else None
+    wanted = config.options.calibrator
+    for spec in specs:
+        if spec.name == wanted:
+            return spec
+    names = ", ".join(s.name for s in specs)
+    raise UsageError(f"{path} registers {len(specs)} calibrators ({names}); "
+                     "choose one with --calibrator NAME")
 
 
 def seed_data_for(target: Target, seeds: list[int], config: Config) -> list[SeedData]:
@@ -128,7 +146,7 @@ def error_verdicts(audit: Audit, cells: list[dict[str, Any]], target: str,
 def run_audits(config: Config, target: Target, audits: list[Audit], seeds: list[int]
                ) -> list[Verdict]:
     """Run the selected cells of every audit on one target; an exception becomes `error`."""
-    needs_calibrator = target.calibrator or config.calibrators.get("__cli__")
+    needs_calibrator = config.calibrators.get("__cli__") or target.calibrator
     ctx = AuditContext(target=target.name, seeds=seed_data_for(target, seeds, config),
                        settings=config.settings(), summaries=config.summaries,
                        requested_summaries=list(config.options.summary or []),
@@ -175,7 +193,7 @@ def resolve_calibrator(spec: str | None, config: Config) -> Any:
         return config.calibrators[spec]
     module_name, _, attr = spec.partition(":")
     if not attr:
-        raise UsageError(f"--calibrator {spec!r}: expected a registered name or module:factory")
+        return None  # a name that only the user's adapter file registers (see file_calibrator)
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
@@ -186,6 +204,8 @@ def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> 
     """Load every target, run the battery, build the report and hand it to the reporters."""
     started = time.perf_counter()
     config.hook.routeaudit_register_summaries(registry=config.summaries)
+    for name, reference in REFERENCE_CALIBRATORS.items():
+        config.calibrators.setdefault(name, reference.factory)
     config.hook.routeaudit_register_calibrators(registry=config.calibrators)
     cli_calibrator = resolve_calibrator(config.options.calibrator, config)
     if cli_calibrator is not None:
@@ -197,6 +217,12 @@ def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> 
         for traces in target.traces:
             config.hook.routeaudit_traces_ready(config=config, traces=traces)
         loaded.append(target)
+    wanted = config.options.calibrator
+    if wanted and cli_calibrator is None and not any(
+            t.calibrator is not None and t.calibrator.name == wanted for t in loaded):
+        known = sorted(n for n in config.calibrators if n != "__cli__")
+        raise UsageError(f"--calibrator {wanted!r}: not registered (known: {', '.join(known)}) "
+                         "and not module:factory")
     audits = collect_audits(config)
     verdicts: list[Verdict] = []
     for target in loaded:

@@ -38,9 +38,11 @@ __all__ = [
     "benjamini_hochberg",
     "bootstrap_ci",
     "bootstrap_gap",
+    "bootstrap_worst_tile_ece",
     "confidence_bins",
     "gap_statistics",
     "holm",
+    "paired_gain",
     "quantile_strata",
     "rng_for",
     "seed_summary",
@@ -785,6 +787,13 @@ def bootstrap_ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, float
     return float(lo), float(hi)
 
 
+def _multinomial_counts(gen: np.random.Generator, rows: int, n: int) -> np.ndarray:
+    """Bootstrap resampling counts [rows, n]: row k takes the k-th block of n uniforms."""
+    pick = np.minimum((gen.random((rows, n)) * n).astype(np.int64), n - 1)
+    pick += (np.arange(rows, dtype=np.int64) * n)[:, None]
+    return np.bincount(pick.reshape(-1), minlength=rows * n).reshape(rows, n)
+
+
 def bootstrap_gap(
     bin_idx: np.ndarray,
     strata: np.ndarray,
@@ -818,9 +827,7 @@ def bootstrap_gap(
     chunk = int(chunk_size) if chunk_size else max(1, _CHUNK_KEYS // n)
     for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each vectorised
         rows = min(chunk, int(n_boot) - row0)
-        pick = np.minimum((gen.random((rows, n)) * n).astype(np.int64), n - 1)
-        pick += (np.arange(rows, dtype=np.int64) * n)[:, None]
-        counts = np.bincount(pick.reshape(-1), minlength=rows * n).reshape(rows, n)
+        counts = _multinomial_counts(gen, rows, n)
         wg, _ = _batched_weighted_gap(
             b,
             s,
@@ -834,6 +841,93 @@ def bootstrap_gap(
         values[row0 : row0 + rows] = wg.numpy()
     lo, hi = bootstrap_ci(values, level)
     return lo, hi, values
+
+
+def bootstrap_worst_tile_ece(
+    preds: np.ndarray,
+    correct: np.ndarray,
+    tiles: np.ndarray,
+    *,
+    n_boot: int,
+    rng: np.random.Generator | int,
+    n_tiles: int = 3,
+    n_bins: int = 15,
+    chunk_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Worst-tile ECE15 of M calibrated predictions, observed and under a *paired* bootstrap.
+
+    ``preds`` is [M, n] (one row per probe, all on the same n evaluation examples),
+    ``tiles`` the shared routing tile of each example (0..n_tiles-1). Every bootstrap
+    replicate draws one multinomial resample of the n examples and applies it to all M
+    probes at once, so differences between probes are paired. Bins are the (lo, hi] rule of
+    ECE15 on each probe's own calibrated confidence. Per replicate and probe the cell sums
+    are one ``bincount`` over (replicate, tile, bin): no loop over replicates or bins.
+
+    Returns ``(observed [M], replicates [n_boot, M])``; a replicate in which every tile is
+    empty is NaN (it cannot happen with n >= 1 and non-empty tiles, but is guarded).
+    """
+    from routeaudit.metrics import bin_indices
+
+    p = np.atleast_2d(np.asarray(preds, dtype=np.float64))
+    y = np.asarray(correct, dtype=np.float64).reshape(-1)
+    t = np.asarray(tiles, dtype=np.int64).reshape(-1)
+    m, n = p.shape
+    if y.size != n or t.size != n:
+        raise ValueError(f"preds [M, n] = {p.shape}, correct {y.shape} and tiles {t.shape} differ")
+    if n == 0:
+        raise ValueError("no evaluation examples")
+    if t.min() < 0 or t.max() >= n_tiles:
+        raise ValueError(f"tiles out of range [0, {n_tiles})")
+    if int(n_boot) < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    gen = _as_generator(rng)
+    cells = n_tiles * n_bins
+    cell = np.stack([t * n_bins + bin_indices(np.clip(row, 0.0, 1.0), n_bins) for row in p])
+    residual = p - y[None, :]
+
+    def worst(weights: np.ndarray) -> np.ndarray:
+        """Worst-tile ECE per (replicate, probe) for example weights [R, n]."""
+        rows = weights.shape[0]
+        sizes = np.bincount((np.arange(rows)[:, None] * n_tiles + t).ravel(),
+                            weights=weights.ravel(), minlength=rows * n_tiles).reshape(rows, n_tiles)
+        out = np.empty((rows, m))
+        offset = (np.arange(rows) * cells)[:, None]
+        for j in range(m):  # probes (a handful), each fully vectorised over replicates
+            sums = np.bincount((offset + cell[j]).ravel(), weights=(weights * residual[j]).ravel(),
+                               minlength=rows * cells).reshape(rows, n_tiles, n_bins)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                per_tile = np.abs(sums).sum(axis=2) / sizes
+            per_tile[sizes == 0] = -np.inf
+            best = per_tile.max(axis=1)
+            out[:, j] = np.where(np.isfinite(best), best, np.nan)
+        return out
+
+    observed = worst(np.ones((1, n)))[0]
+    chunk = int(chunk_size) if chunk_size else max(1, _CHUNK_KEYS // n)
+    reps = np.empty((int(n_boot), m))
+    for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each vectorised
+        rows = min(chunk, int(n_boot) - row0)
+        reps[row0 : row0 + rows] = worst(_multinomial_counts(gen, rows, n).astype(np.float64))
+    return observed, reps
+
+
+def paired_gain(
+    observed: np.ndarray, replicates: np.ndarray, candidate: int, control: int, level: float
+) -> tuple[float, tuple[float, float], float]:
+    """Gain = metric(control) − metric(candidate) (> 0: the candidate is better).
+
+    Returns the observed gain, its percentile CI from the paired replicates, and a two-sided
+    bootstrap p-value ``min(1, 2 · min((1 + #{g* ≤ 0}), (1 + #{g* ≥ 0})) / (1 + B))``.
+    """
+    gain = float(observed[control] - observed[candidate])
+    g = replicates[:, control] - replicates[:, candidate]
+    g = g[np.isfinite(g)]
+    if g.size == 0:
+        return gain, (np.nan, np.nan), np.nan
+    lo, hi = bootstrap_ci(g, level)
+    b = g.size
+    p = min(1.0, 2.0 * min(1 + int((g <= 0).sum()), 1 + int((g >= 0).sum())) / (1 + b))
+    return gain, (lo, hi), p
 
 
 # --------------------------------------------------------------------------- seeds

@@ -29,12 +29,16 @@ def effect_text(verdict: Verdict) -> str:
     return text
 
 
-def table(verdicts: list[Verdict], *, width: int = 60) -> str:
+def table(verdicts: list[Verdict], *, width: int = 60, limit: int | None = 320) -> str:
+    """The verdict table; reasons longer than ``limit`` characters are cut (``-v``: never)."""
     rows = []
     for v in verdicts:
         p = "" if v.p_value is None else f"{_fmt(v.p_value, 3)} / {_fmt(v.p_value_corrected, 3)}"
+        reason = v.reason
+        if limit is not None and len(reason) > limit:
+            reason = reason[: limit - 1].rstrip() + "…"
         rows.append([v.audit, v.cell_id, v.status.value.upper(), effect_text(v), p,
-                     textwrap.fill(v.reason, width=width)])
+                     textwrap.fill(reason, width=width)])
     headers = ["audit", "cell", "status", "effect [CI]", "p raw / corr", "reason"]
     return tabulate(rows, headers=headers, tablefmt="simple")
 
@@ -61,7 +65,7 @@ def routeaudit_report(config: Any, report: Report) -> None:
     if quiet < 1 and report.verdicts:
         sys.stdout.write("\n")
     if quiet < 2 and report.verdicts:
-        print(table(report.verdicts))
+        print(table(report.verdicts, limit=None if config.options.verbose else 320))
     if config.options.verbose:
         for v in report.verdicts:
             print(f"\n{v.nodeid}: {v.status.value}")

@@ -1,0 +1,95 @@
+"""End to end: the calibrator audits on the bundled genuine and capacity-only fixtures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from routeaudit.cli import main
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+FAST = ["--bootstrap", "200", "--permutations", "199"]
+
+
+def run(args, tmp_path):
+    out = tmp_path / "report.json"
+    code = main(["run", *args, *FAST, "--json", str(out)])
+    return code, json.loads(out.read_text())
+
+
+def verdicts(report, audit):
+    return [v for v in report["verdicts"] if v["audit"] == audit]
+
+
+def test_genuine_routing_calibrator_survives_every_control(tmp_path):
+    code, report = run([str(FIXTURES / "calibrator_genuine.py")], tmp_path)
+    statuses = {(v["audit"], v["cell"].get("feature") or v["cell"].get("summary")): v["status"]
+                for v in report["verdicts"]}
+    assert code == 0, statuses
+    for audit in ("capacity_control", "shuffled_profile", "baseline_gain"):
+        (verdict,) = verdicts(report, audit)
+        assert verdict["status"] == "pass"
+        assert verdict["effect"] > 0 and verdict["ci"][0] > 0
+        seed0 = verdict["per_seed"][0]
+        assert set(seed0["metrics"]["candidate"]) >= {"worst_tertile_ece", "ece15", "nll",
+                                                      "brier", "mce", "classwise_ece",
+                                                      "smooth_ece"}
+    (bw,) = verdicts(report, "bandwidth_sensitivity")
+    assert bw["status"] == "pass"
+    assert {row["setting"] for row in bw["per_seed"]} >= {"bandwidth=cv_nll",
+                                                          "bandwidth=ece_oracle",
+                                                          "bandwidth=scott×0.25"}
+    # the matched audits claim exactly the calibrator's routing feature
+    assert {v["cell"]["summary"] for v in verdicts(report, "permutation_null")} == {
+        "depth_variance"}
+
+
+def test_capacity_only_calibrator_fails_with_numbers(tmp_path):
+    code, report = run([str(FIXTURES / "calibrator_capacity.py"), "--audit", "capacity_control",
+                        "--audit", "shuffled_profile", "--audit", "bandwidth_sensitivity"],
+                       tmp_path)
+    assert code == 1
+    (capacity,) = verdicts(report, "capacity_control")
+    (shuffled,) = verdicts(report, "shuffled_profile")
+    for verdict in (capacity, shuffled):
+        assert verdict["status"] == "fail"
+        assert "gain vanishes against" in verdict["reason"]
+        assert "worst-tertile ECE" in verdict["reason"] and "seed band" in verdict["reason"]
+        assert verdict["ci"][0] < 0 < verdict["ci"][1] or verdict["effect"] <= 0
+    assert "zeros[profile]" in capacity["reason"] or "derived[profile]" in capacity["reason"]
+    assert "shuffled_" in shuffled["reason"]
+    # the twins are parameter-identical to the candidate
+    params = capacity["per_seed"][0]["n_parameters"]
+    assert params["candidate"] == params["zeros:profile"] == params["derived:profile"]
+    (bw,) = verdicts(report, "bandwidth_sensitivity")
+    assert bw["status"] == "skip" and "sensitivity_grid" in bw["reason"]
+
+
+def test_calibrator_flag_with_trace_file_and_unknown_name(tmp_path, capsys):
+    planted = str(FIXTURES / "planted.npz")
+    code, report = run([planted, "--calibrator", "routeaudit.calibrators:nw_r_agg",
+                        "--audit", "baseline_gain"], tmp_path)
+    assert code in (0, 1)
+    (verdict,) = verdicts(report, "baseline_gain")
+    assert verdict["cell"] == {"calibrator": "nw_r_agg", "feature": "r_agg"}
+    assert main(["run", planted, "--calibrator", "no_such_calibrator"]) == 4
+    assert "no_such_calibrator" in capsys.readouterr().err
+
+
+def test_calibrator_without_routing_features_is_skipped(tmp_path):
+    code, report = run([str(FIXTURES / "planted.npz"), "--calibrator", "nw_confidence",
+                        "--audit", "capacity_control"], tmp_path)
+    (verdict,) = verdicts(report, "capacity_control")
+    assert verdict["status"] == "skip" and "no routing feature" in verdict["reason"]
+    assert code == 0
+
+
+@pytest.mark.parametrize("seeds", ["0,1,2"])
+def test_same_seed_gives_bit_identical_calibrator_verdicts(tmp_path, seeds):
+    args = [str(FIXTURES / "planted.npz"), "--calibrator", "ar_condcal", "--audit",
+            "shuffled_profile", "--seeds", seeds]
+    _, a = run(args, tmp_path)
+    _, b = run(args, tmp_path)
+    assert a["verdicts"] == b["verdicts"]
