@@ -167,15 +167,16 @@ class TraceCache:
             return None
 
     def store(self, key: CacheKey, traces: TraceSet) -> Path:
-        """Write ``traces`` under the key atomically; a concurrent identical write wins quietly."""
+        """Write ``traces`` under the key atomically.
+
+        Same key, same content: when another process got there first, its entry is kept.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.path(key)
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{key.digest[:12]}-", dir=self.root))
         try:
             entry = traces.save(staging / "entry")
             (entry / KEY_FILE).write_text(json.dumps(key.parts, indent=2, sort_keys=True))
-            if target.exists():
-                self._discard(target)
             try:
                 os.replace(entry, target)
             except OSError:

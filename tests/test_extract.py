@@ -401,3 +401,31 @@ def test_runner_load_target_passes_extraction_options(toy, tmp_path):
                          {adapter_file: sys.modules[toy.__name__]})
     assert target.traces[0].meta.extraction["autocast"] == "bf16"
     assert len(entries(tmp_path / "rc")) == 1
+
+
+def test_mapping_outputs_carry_token_index(toy):
+    class Tokens(toy.PerToken):
+        def forward(self, model, batch):
+            out = super().forward(model, batch)
+            return {"logits": out.logits, "labels": out.labels, "routing": out.routing,
+                    "token_index": torch.arange(len(out.labels)) % 5}
+
+    traces = extract_traces(Tokens(), cache=False, progress=False)
+    assert traces.meta.per_token and traces.token_index[:6].tolist() == [0, 1, 2, 3, 4, 0]
+
+    class Unknown(toy.Toy):
+        def forward(self, model, batch):
+            return {**super().forward(model, batch)._asdict(), "hidden": None}
+
+    with pytest.raises(AdapterError, match="unknown fields"):
+        extract_traces(Unknown(), cache=False, progress=False)
+
+
+def test_store_keeps_an_entry_written_concurrently(toy, tmp_path):
+    cache = TraceCache(tmp_path / "cache")
+    traces = extract_traces(toy.Toy(), cache=False, progress=False)
+    key = compute_key(toy.Toy(), split="eval", autocast="none")
+    first = cache.store(key, traces)
+    assert cache.store(key, traces) == first
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [key.digest]
+    np.testing.assert_array_equal(cache.load(key).logits, traces.logits)
