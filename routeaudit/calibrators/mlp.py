@@ -191,7 +191,11 @@ def _gradient(
         grads.append(delta.sum(dim=1))  # bias: [B, out]
         grads.append(torch.bmm(a.transpose(1, 2), delta).flatten(1))  # weight: [B, in·out]
         if k > 0:
-            delta = torch.bmm(delta, W.transpose(1, 2))
+            # Below a one-output layer the product is an outer product: one rounding per element
+            # either way, so the broadcast multiply is bit-identical to bmm and ~10x faster
+            # (batched GEMM with an inner dimension of 1 is a slow path on CPU).
+            outer = delta.shape[-1] == 1
+            delta = delta * W.transpose(1, 2) if outer else torch.bmm(delta, W.transpose(1, 2))
             # ReLU backward (a = the ReLU output of the layer below): one fused pass
             delta = torch.ops.aten.threshold_backward(delta, a, 0.0)
     return torch.cat(grads[::-1], dim=1)
