@@ -28,6 +28,11 @@ class BandwidthSensitivityAudit:
              "(Scott multiples, CV-NLL, ECE oracle).")
     needs = frozenset({"traces", "calibrator"})
     min_examples = 200
+    routing_aware = True
+
+    @property
+    def control_kinds(self) -> tuple[str, ...]:
+        return tuple(kind for audit in self.audits() for kind in audit.kinds)
 
     def audits(self) -> list[GainAudit]:
         return [CapacityControlAudit(), ShuffledProfileAudit(), BaselineGainAudit()]

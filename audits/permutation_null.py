@@ -26,6 +26,7 @@ class PermutationNullAudit:
     claim = "The routing summary carries calibration signal beyond confidence."
     needs = frozenset({"traces"})
     min_examples = 100
+    routing_aware = True
 
     def cells(self, ctx: AuditContext) -> list[dict[str, Any]]:
         return ctx.summary_cells()

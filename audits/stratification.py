@@ -33,6 +33,7 @@ class StratificationAudit:
              "the within-bin null explains.")
     needs = frozenset({"traces"})
     min_examples = 100
+    routing_aware = True
 
     def cells(self, ctx: AuditContext) -> list[dict[str, Any]]:
         return ctx.summary_cells()

@@ -93,7 +93,10 @@ def find_adapters(module: ModuleType) -> list[Any]:
     """The objects in a user module marked with ``@routeaudit.adapter``, in file order."""
     found = []
     for value in vars(module).values():
-        if getattr(value, ADAPTER_MARK, None) is not None and value not in found:
+        # the mark must be the object's own: a subclass of a marked adapter class inherits
+        # the attribute but was not marked itself
+        own = vars(value) if isinstance(value, type) else getattr(value, "__dict__", {})
+        if own.get(ADAPTER_MARK) is not None and value not in found:
             found.append(value)
     return found
 

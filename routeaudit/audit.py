@@ -115,6 +115,28 @@ class AuditContext:
     options: Any = None
     #: Results that several audits share (e.g. fitted calibrator studies), keyed by the owner.
     cache: dict[Any, Any] = field(default_factory=dict)
+    #: Control variants the selected calibrator audits need (None: all), so a run that
+    #: selects one audit fits only that audit's twins.
+    control_kinds: tuple[str, ...] | None = None
+    #: The model adapter's session (None for trace targets): causal audits use ``forward``.
+    session: Any = None
+
+    @property
+    def can_intervene(self) -> bool:
+        """True when the target is a model whose adapter implements ``intervene``."""
+        adapter = getattr(self.session, "adapter", None)
+        return adapter is not None and callable(getattr(adapter, "intervene", None)) and \
+            getattr(type(adapter), "supports_intervention", lambda: True)()
+
+    def forward(self, intervention: Any = None) -> dict[str, np.ndarray]:
+        """Run the model over the evaluation batches, optionally under an intervention.
+
+        Returns host arrays (``logits``, ``labels``, ``routing``, ...) in trace order; the
+        clean pass (``None``) is served from the traces without running the model.
+        """
+        if self.session is None:
+            raise RuntimeError("this target has no model: causal audits need a model adapter")
+        return self.session.forward(intervention)
 
     def rng(self, audit: str, cell: str, seed: int) -> np.random.Generator:
         """The reproducible random stream of one (audit, cell, seed)."""

@@ -74,6 +74,18 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                     help="a claim must hold in all seeds (default) or a majority")
     st.add_argument("--inconclusive", choices=["fail", "warn"], default="fail",
                     help="whether an inconclusive verdict fails the run (fail)")
+    st.add_argument("--tv-min", type=float, default=None, metavar="TV",
+                    help="routing whose largest per-layer TV distance from the mean routing is "
+                         "below TV is content-independent (1e-4)")
+    st.add_argument("--schedule-tol", type=float, default=None, metavar="TOL",
+                    help="tolerance of the declared-schedule check (1e-6)")
+    st.add_argument("--mass-min", type=float, default=None, metavar="M",
+                    help="causal_ablation: a slice holding routing mass >= M must have an "
+                         "effect (0.10)")
+    st.add_argument("--depth-bands", type=_positive, default=None, metavar="N",
+                    help="causal_ablation: depth bands per sublayer type (2: early/late)")
+    st.add_argument("--no-renormalize", action="store_true",
+                    help="causal_ablation: zero the masked weights instead of renormalizing")
     st.add_argument("--tertile-summary", metavar="NAME", default=None,
                     help="routing summary whose tertiles define worst-tertile ECE (default: the "
                          "calibrator's first scalar routing feature, else r_agg)")

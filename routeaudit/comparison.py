@@ -235,16 +235,18 @@ def routing_features(ctx: AuditContext) -> tuple[str, ...]:
     return tuple(f for f in spec.features if is_routing_feature(f, cache))
 
 
-def all_variants(features: Sequence[str]) -> list[Variant]:
-    """Every control of every calibrator audit: fitted once per (calibrator, setting)."""
-    return [*twins(CAPACITY_KINDS, "capacity", tuple(features)),
-            *twins(SHUFFLE_KINDS, "shuffle", tuple(features)), *probes()]
+def all_variants(features: Sequence[str], kinds: Sequence[str] | None = None) -> list[Variant]:
+    """The controls of the calibrator audits (all of them, or only ``kinds``), fitted once
+    per (calibrator, setting) and shared by every audit."""
+    variants = [*twins(CAPACITY_KINDS, "capacity", tuple(features)),
+                *twins(SHUFFLE_KINDS, "shuffle", tuple(features)), *probes()]
+    return [v for v in variants if kinds is None or v.name in kinds]
 
 
 def study(ctx: AuditContext, setting: Setting = None) -> Study:
-    """The (memoised) study of the context's calibrator and all its controls."""
+    """The (memoised) study of the context's calibrator and the controls the run needs."""
     spec = resolve_spec(ctx.calibrator)
-    variants = all_variants(routing_features(ctx))
+    variants = all_variants(routing_features(ctx), ctx.control_kinds)
     tertile = getattr(ctx.options, "tertile_summary", None) if ctx.options is not None else None
     key = ("study", spec.name, repr(setting))
     if key not in ctx.cache:

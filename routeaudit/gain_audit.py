@@ -33,10 +33,16 @@ class GainAudit:
     claim = ""
     needs = frozenset({"traces", "calibrator"})
     min_examples = 200
+    routing_aware = True
     #: Control variants each cell is compared against.
     kinds: tuple[str, ...] = ()
     #: One cell per routing feature (twins replace that feature) or one for all of them.
     per_feature = True
+
+    @property
+    def control_kinds(self) -> tuple[str, ...]:
+        """The variants this audit needs fitted (the runner fits the union once)."""
+        return self.kinds
 
     def cells(self, ctx: AuditContext) -> list[dict[str, Any]]:
         spec = resolve_spec(ctx.calibrator)

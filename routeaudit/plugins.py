@@ -23,6 +23,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "shuffled_profile": "routeaudit.audits.shuffled_profile",
     "baseline_gain": "routeaudit.audits.baseline_gain",
     "bandwidth_sensitivity": "routeaudit.audits.bandwidth_sensitivity",
+    "content_dependence": "routeaudit.audits.content_dependence",
+    "causal_ablation": "routeaudit.audits.causal_ablation",
     "terminal": "routeaudit.report.terminal",
     "jsonreport": "routeaudit.report.jsonreport",
     "junitxml": "routeaudit.report.junitxml",

@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from routeaudit import __version__
-from routeaudit.adapter import find_adapters, traces_from_adapter
+from routeaudit.adapter import Adapter, find_adapters, traces_from_adapter
 from routeaudit.audit import Audit, AuditContext, SeedData, SerialExecutor, stratified_split
 from routeaudit.calibrators import REFERENCE_CALIBRATORS, find_calibrators
 from routeaudit.config import Config
+from routeaudit.content import TV_MIN, content_independent
 from routeaudit.errors import AdapterError, UsageError
+from routeaudit.extract import ModelSession
 from routeaudit.summaries import FeatureCache
 from routeaudit.traces import TraceSet
 from routeaudit.verdict import Report, Status, Summary, Verdict, exit_code_for
@@ -32,6 +34,7 @@ class Target:
     name: str
     traces: list[TraceSet]
     calibrator: Any = None
+    session: ModelSession | None = None  # model adapters only: runs interventions
 
 
 def load_target(path: str, config: Config, modules: dict[str, Any]) -> Target:
@@ -45,12 +48,17 @@ def load_target(path: str, config: Config, modules: dict[str, Any]) -> Target:
         if len(adapters) > 1:
             raise AdapterError(f"{path}: {len(adapters)} adapters found; mark exactly one")
         options = config.options
-        traces = traces_from_adapter(adapters[0], device=options.device,
-                                     progress=not options.quiet,
-                                     autocast=getattr(options, "autocast", None),
-                                     cache=not getattr(options, "no_cache", False),
-                                     cache_dir=getattr(options, "cache_dir", None))
-        return Target(path, traces, file_calibrator(path, module, config))
+        extraction = dict(device=options.device, autocast=getattr(options, "autocast", None),
+                          cache=not getattr(options, "no_cache", False),
+                          cache_dir=getattr(options, "cache_dir", None))
+        calibrator = file_calibrator(path, module, config)
+        found = adapters[0]
+        if isinstance(found, Adapter) or (isinstance(found, type) and issubclass(found, Adapter)):
+            # a model adapter: keep the session, causal audits run extra passes through it
+            session = ModelSession(found, progress=not options.quiet, **extraction)
+            return Target(path, [session.traces()], calibrator, session)
+        traces = traces_from_adapter(found, progress=not options.quiet, **extraction)
+        return Target(path, traces, calibrator)
     if p.is_dir() or p.suffix == ".npz":
         if not p.exists():
             raise UsageError(f"target not found: {path}")
@@ -143,6 +151,22 @@ def error_verdicts(audit: Audit, cells: list[dict[str, Any]], target: str,
             for cell in cells or [{}]]
 
 
+def frozen_routing_reason(ctx: AuditContext) -> str | None:
+    """Why no routing-aware claim can hold, when the routing does not vary; else None.
+
+    One shared check, so every routing-aware audit fails for the same stated reason instead
+    of each running its statistics on float noise.
+    """
+    tv_min = float(getattr(ctx.options, "tv_min", None) or TV_MIN)
+    for seed in ctx.seeds:
+        independent, largest = content_independent(seed.traces, tv_min)
+        if independent:
+            return (f"routing is content-independent (no routing variation: largest per-layer "
+                    f"TV distance from the mean routing {largest:.2g} < {tv_min:g}), so no "
+                    "routing feature can carry signal")
+    return None
+
+
 def run_audits(config: Config, target: Target, audits: list[Audit], seeds: list[int]
                ) -> list[Verdict]:
     """Run the selected cells of every audit on one target; an exception becomes `error`."""
@@ -150,12 +174,15 @@ def run_audits(config: Config, target: Target, audits: list[Audit], seeds: list[
     ctx = AuditContext(target=target.name, seeds=seed_data_for(target, seeds, config),
                        settings=config.settings(), summaries=config.summaries,
                        requested_summaries=list(config.options.summary or []),
-                       calibrator=needs_calibrator, options=config.options)
+                       calibrator=needs_calibrator, options=config.options,
+                       session=target.session)
     for name in ctx.requested_summaries:
         config.summaries.get(name)  # unknown names are a usage error, before any work
     plan = []
     for audit in audits:
         if "calibrator" in audit.needs and ctx.calibrator is None:
+            continue
+        if "model" in audit.needs and not ctx.can_intervene:
             continue
         cells = audit.cells(ctx)
         if config.options.keyword:
@@ -166,8 +193,13 @@ def run_audits(config: Config, target: Target, audits: list[Audit], seeds: list[
                 seed.traces.require_examples(audit.min_examples, f"audit {audit.name}")
             plan.append((audit, cells))
 
+    frozen = frozen_routing_reason(ctx)
+
     def run_one(item: tuple[Audit, list[dict[str, Any]]]) -> list[Verdict]:
         audit, cells = item
+        if frozen and getattr(audit, "routing_aware", False):
+            return [Verdict(audit=audit.name, claim=audit.claim, cell=cell, status=Status.FAIL,
+                            reason=frozen, target=target.name) for cell in cells]
         try:
             verdicts = audit.run(ctx, cells)
         except Exception as exc:
@@ -176,6 +208,8 @@ def run_audits(config: Config, target: Target, audits: list[Audit], seeds: list[
             verdict.target = target.name
         return verdicts
 
+    kinds = [kind for audit, _ in plan for kind in getattr(audit, "control_kinds", ())]
+    ctx.control_kinds = tuple(dict.fromkeys(kinds)) or None
     executor = config.hook.routeaudit_make_executor(config=config) or SerialExecutor()
     verdicts: list[Verdict] = []
     for batch in executor.map(run_one, plan):

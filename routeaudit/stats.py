@@ -39,6 +39,7 @@ __all__ = [
     "bootstrap_ci",
     "bootstrap_gap",
     "bootstrap_worst_tile_ece",
+    "cluster_bootstrap_mean",
     "confidence_bins",
     "gap_statistics",
     "holm",
@@ -909,6 +910,47 @@ def bootstrap_worst_tile_ece(
         rows = min(chunk, int(n_boot) - row0)
         reps[row0 : row0 + rows] = worst(_multinomial_counts(gen, rows, n).astype(np.float64))
     return observed, reps
+
+
+def cluster_bootstrap_mean(
+    values: np.ndarray,
+    *,
+    n_boot: int,
+    rng: np.random.Generator | int,
+    groups: np.ndarray | None = None,
+    level: float = 0.95,
+) -> tuple[float, tuple[float, float], np.ndarray]:
+    """Mean of per-example values with a percentile bootstrap CI, resampling whole groups.
+
+    With ``groups`` (e.g. the sequence of each token) the resampling unit is the group and
+    the statistic is Σ_g w_g S_g / Σ_g w_g n_g (S_g, n_g: the group's sum and size), which
+    keeps the dependence between tokens of a sequence inside a resampling unit; without
+    groups every example is its own group. Replicates are multinomial counts over groups,
+    in chunks, one matrix product per chunk. Returns (mean, (low, high), replicates).
+    """
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        raise ValueError("no values")
+    if not np.isfinite(v).all():
+        raise ValueError("values contain NaN or inf")
+    if groups is None:
+        sums, sizes = v, np.ones_like(v)
+    else:
+        g = np.asarray(groups).reshape(-1)
+        if g.size != v.size:
+            raise ValueError(f"groups has {g.size} entries for {v.size} values")
+        _, inverse = np.unique(g, return_inverse=True)
+        sums = np.bincount(inverse, weights=v)
+        sizes = np.bincount(inverse).astype(np.float64)
+    gen = _as_generator(rng)
+    n = sums.size
+    reps = np.empty(int(n_boot))
+    chunk = max(1, _CHUNK_KEYS // n)
+    for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each one matmul
+        rows = min(chunk, int(n_boot) - row0)
+        w = _multinomial_counts(gen, rows, n).astype(np.float64)
+        reps[row0 : row0 + rows] = (w @ sums) / (w @ sizes)
+    return float(v.mean()), bootstrap_ci(reps, level), reps
 
 
 def paired_gain(
