@@ -21,7 +21,7 @@ from routeaudit.nn.layout import RoutingLayout
 
 def rms_normalize(x: Tensor, eps: float = 1e-6) -> Tensor:
     """``x / sqrt(mean(x²) + ε)`` over the last axis (Zhang & Sennrich, without a gain)."""
-    return x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return x * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps)
 
 
 class DepthRouter(nn.Module):
@@ -34,7 +34,7 @@ class DepthRouter(nn.Module):
 
     def forward(self, sources: Tensor) -> Tensor:
         """Content logits ``[n, B, T]`` for stacked sources ``[n, B, T, d]``."""
-        return torch.einsum("d,nbtd->nbt", self.query, rms_normalize(sources, self.eps))
+        return rms_normalize(sources, self.eps) @ self.query
 
 
 @dataclass
@@ -99,4 +99,4 @@ def route(logits: Tensor, sources: Tensor, site: int, columns: tuple[int, ...],
             alpha = torch.softmax(logits.masked_fill(removed, float("-inf")), dim=0)
         else:
             alpha = torch.softmax(logits, dim=0).masked_fill(removed, 0.0)
-    return alpha, torch.einsum("nbt,nbtd->btd", alpha, sources)
+    return alpha, (alpha.unsqueeze(-1) * sources).sum(dim=0)
