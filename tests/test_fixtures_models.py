@@ -185,8 +185,8 @@ def test_charlm_declares_token_level_traces(charlm):
     adapter, _ = charlm
     assert adapter.per_token and adapter.meta["per_token"]
     assert adapter.n_tokens() >= 100_000 and adapter.meta["n_tokens"] == adapter.n_tokens()
-    windows = sum(len(b) for b in adapter.batches("eval"))
-    assert windows * 128 == adapter.n_tokens()
+    windows = torch.cat([b["window"] for b in adapter.batches("eval")])
+    assert torch.equal(windows, torch.arange(len(windows))) and len(windows) * 128 == adapter.n_tokens()
 
 
 def test_charlm_batches_make_valid_traces(charlm):
@@ -195,6 +195,11 @@ def test_charlm_batches_make_valid_traces(charlm):
     assert traces.n_examples == 2 * adapter.windows_per_batch * 128
     assert traces.meta.family == "attnres-block" and traces.meta.per_token
     assert traces.routing.shape[1:] == (9, 6)
+    batch = next(iter(adapter.batches("eval")))
+    with torch.inference_mode():
+        out = adapter.forward(model, batch)
+    assert torch.equal(out.group, torch.arange(adapter.windows_per_batch).repeat_interleave(128))
+    assert torch.equal(out.labels[:127], batch["ids"][0, 1:128])  # labels are the next characters
     accuracy = float((traces.logits.argmax(1) == traces.labels).mean())
     assert 0.45 <= accuracy <= 0.8
     assert traces.routing[:, 1:].std(axis=0).max() > 0.01  # routing depends on the token
