@@ -122,7 +122,9 @@ def keyword_matches(expression: str, nodeid: str) -> bool:
 
 def collect_audits(config: Config) -> list[Audit]:
     audits: list[Audit] = []
-    for contributed in config.hook.routeaudit_collect_audits(config=config):
+    # pluggy calls the last-registered plugin first; reverse so audits (and report rows) come
+    # in registration order: built-ins, -p plugins, entry points, the user's file
+    for contributed in reversed(config.hook.routeaudit_collect_audits(config=config)):
         audits.extend(contributed or [])
     names = [a.name for a in audits]
     duplicates = {n for n in names if names.count(n) > 1}
