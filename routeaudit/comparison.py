@@ -40,7 +40,7 @@ from routeaudit.controls import (
     variant_input,
 )
 from routeaudit.errors import UsageError
-from routeaudit.features import FeatureMatrix, feature_matrix, is_routing_feature
+from routeaudit.features import FeatureMatrix, feature_matrix, is_routing_feature, probabilities
 from routeaudit.matched import stable
 from routeaudit.stats import bootstrap_worst_tile_ece, holm, paired_gain, rng_for
 
@@ -69,13 +69,6 @@ def tertile_summary(spec: CalibratorSpec, fm: FeatureMatrix, requested: str | No
         if np.count_nonzero(np.asarray(fm.column_feature) == name) == 1:
             return name
     return "r_agg"
-
-
-def _probabilities(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True)
 
 
 def full_vector(probs: np.ndarray, calibrated: np.ndarray) -> np.ndarray:
@@ -220,7 +213,7 @@ def _seed_study(spec: CalibratorSpec, seed: SeedData, variants: Sequence[Variant
     observed, reps = bootstrap_worst_tile_ece(
         preds, correct_eval, tiles, n_boot=n_boot,
         rng=rng_for("calibrator-bootstrap", spec.name, repr(setting), seed.seed))
-    probs = _probabilities(parts["eval"][1])
+    probs = probabilities(parts["eval"][1])
     labels = seed.traces.labels[seed.eval_index]
     table = {key: probe_metrics(preds[j], correct_eval, probs, labels, observed[j])
              for j, key in enumerate(order)}

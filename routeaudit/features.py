@@ -27,7 +27,8 @@ DERIVED_FEATURES = ("predictive_entropy", "margin", "logit_confidence", "second_
                     "gini")
 
 
-def _probabilities(logits: np.ndarray) -> np.ndarray:
+def probabilities(logits: np.ndarray) -> np.ndarray:
+    """Softmax of logits in float64 (max-shifted)."""
     z = logits.astype(np.float64)
     z = z - z.max(axis=1, keepdims=True)
     p = np.exp(z)
@@ -36,7 +37,7 @@ def _probabilities(logits: np.ndarray) -> np.ndarray:
 
 def derived_feature(name: str, logits: np.ndarray) -> np.ndarray:
     """A confidence-derived feature computed from the logits only (never from routing)."""
-    p = _probabilities(logits)
+    p = probabilities(logits)
     top2 = -np.sort(-p, axis=1)[:, :2] if p.shape[1] >= 2 else np.c_[p, np.zeros(len(p))]
     if name == "predictive_entropy":
         with np.errstate(divide="ignore", invalid="ignore"):
