@@ -1,4 +1,4 @@
-"""Audit: the candidate must beat the matched post-hoc probes (methods.md §2.6).
+"""Audit: the candidate must beat the matched post-hoc probes (docs/methods.md §2.6).
 
 The probes are the same factory, fitted the same way, differing only in the auxiliary
 feature: no routing at all (``confidence_only``) or predictive entropy in place of routing
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from routeaudit.controls import PROBE_KINDS
-from routeaudit.gain_audit import GainAudit
+from routeaudit.calibration.controls import PROBE_KINDS
+from routeaudit.calibration.gain_audit import GainAudit
 from routeaudit.hookspecs import hookimpl
 
 

@@ -1,4 +1,4 @@
-"""Audit: routing mass indicates causal importance (methods.md §3.4).
+"""Audit: routing mass indicates causal importance (docs/methods.md §3.4).
 
 A *slice* is (sublayer type × depth band × source family). For each slice the family's
 sources are masked at the slice's routing sites (logits −∞ before the softmax, so the other
@@ -16,20 +16,23 @@ the only valid source cannot be ablated and are left out of that slice (and said
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from routeaudit import metrics
-from routeaudit.audit import AuditContext
+from routeaudit.audit import AuditContext, BaseAudit
 from routeaudit.hookspecs import hookimpl
-from routeaudit.intervention import RoutingIntervention
+from routeaudit.model.intervention import RoutingIntervention
 from routeaudit.stats import cluster_bootstrap_mean
 from routeaudit.traces import TraceSet
 from routeaudit.verdict import Status, Verdict
 
+#: Defaults of ``--mass-min`` and ``--depth-bands``.
 MASS_MIN = 0.10
+DEPTH_BANDS = 2
 
 
 @dataclass(frozen=True)
@@ -80,14 +83,10 @@ def slices(traces: TraceSet, n_bands: int = 2) -> list[Slice]:
     return out
 
 
-def per_example_nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    log_norm = np.log(np.exp(z).sum(axis=1))
-    return log_norm - z[np.arange(z.shape[0]), labels]
+per_example_nll = metrics.per_example_nll  # kept importable from here
 
 
-class CausalAblationAudit:
+class CausalAblationAudit(BaseAudit):
     name = "causal_ablation"
     claim = "Routing mass indicates causal importance: the slice with the most routing mass " \
             "has the largest effect, and every slice with appreciable mass has an effect."
@@ -100,12 +99,11 @@ class CausalAblationAudit:
 
     def run(self, ctx: AuditContext, cells: list[dict[str, Any]]) -> list[Verdict]:
         s = ctx.settings
-        options = ctx.options
         traces = ctx.seeds[0].traces
-        renormalize = not getattr(options, "no_renormalize", False)
-        mass_min = float(getattr(options, "mass_min", None) or MASS_MIN)
+        renormalize = not ctx.option("no_renormalize", False)
+        mass_min = float(ctx.option("mass_min", MASS_MIN))
         wanted = {cell["sublayer"] for cell in cells}
-        chosen = [sl for sl in slices(traces, int(getattr(options, "depth_bands", None) or 2))
+        chosen = [sl for sl in slices(traces, int(ctx.option("depth_bands", DEPTH_BANDS)))
                   if sl.sublayer in wanted]
         labels = traces.labels
         clean_nll = per_example_nll(traces.logits, labels)
@@ -137,13 +135,13 @@ class CausalAblationAudit:
 
     def _verdict(self, ctx: AuditContext, cell: dict[str, Any], rows: list[dict[str, Any]],
                  mass_min: float, renormalize: bool) -> Verdict:
-        common = dict(audit=self.name, claim=self.claim, cell=cell, per_seed=rows,
+        common = dict(per_seed=rows,
                       statistic="ΔNLL of the largest-mass slice minus the largest ΔNLL",
                       threshold={"mass_min": mass_min, "level": 1 - ctx.settings.alpha,
                                  "ablation": "mask + renormalize" if renormalize else
                                  "mask without renormalization"})
         if len(rows) < 2:
-            return Verdict(status=Status.INCONCLUSIVE, reason=(
+            return ctx.verdict(self, cell, Status.INCONCLUSIVE, (
                 f"{len(rows)} ablatable slice(s) for sublayer {cell['sublayer']!r}: nothing to "
                 "rank (the traces need layer_types, layer_depth and source_families)"), **common)
         top_mass = max(rows, key=lambda r: r["mass"])
@@ -163,13 +161,31 @@ class CausalAblationAudit:
                             f"{r['ci'][1]:+.4f}] includes 0")
         effect = top_mass["delta_nll"] - top_effect["delta_nll"]
         if problems:
-            return Verdict(status=Status.FAIL, effect=effect,
-                           reason="mass and effect dissociate: " + "; ".join(problems)
-                           + f" (slices: {table})", **common)
-        return Verdict(status=Status.PASS, effect=effect, reason=(
+            return ctx.verdict(self, cell, Status.FAIL,
+                               "mass and effect dissociate: " + "; ".join(problems)
+                               + f" (slices: {table})", effect=effect, **common)
+        return ctx.verdict(self, cell, Status.PASS, effect=effect, reason=(
             f"the largest-mass slice {top_mass['slice']} (mass {top_mass['mass']:.3f}) has the "
             f"largest effect (ΔNLL {top_mass['delta_nll']:+.4f}) and every slice with mass ≥ "
             f"{mass_min:g} has an effect (slices: {table})"), **common)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer: {text}")
+    return value
+
+
+@hookimpl
+def routeaudit_addoption(parser: Any) -> None:
+    group = parser.getgroup("causal_ablation")
+    group.add_argument("--mass-min", type=float, default=MASS_MIN, metavar="M",
+                       help=f"a slice holding routing mass >= M must have an effect ({MASS_MIN:g})")
+    group.add_argument("--depth-bands", type=_positive_int, default=DEPTH_BANDS, metavar="N",
+                       help=f"depth bands per sublayer type ({DEPTH_BANDS}: early/late)")
+    group.add_argument("--no-renormalize", action="store_true",
+                       help="zero the masked weights instead of renormalizing the rest")
 
 
 @hookimpl

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from routeaudit.audit import AuditContext
-from routeaudit.content import TV_MIN, per_example_tv, schedule_deviation
+from routeaudit.audit import AuditContext, BaseAudit
 from routeaudit.hookspecs import hookimpl
 from routeaudit.stats import cluster_bootstrap_mean
+from routeaudit.summaries import per_example_tv, schedule_deviation
 from routeaudit.verdict import Status, Verdict
 
+#: Default tolerance of the declared-schedule check (``--schedule-tol``).
+SCHEDULE_TOL = 1e-6
 
-class ContentDependenceAudit:
+
+class ContentDependenceAudit(BaseAudit):
     name = "content_dependence"
     claim = "Routing varies with the input (it is content-dependent)."
     needs = frozenset({"traces"})
@@ -45,7 +48,7 @@ class ContentDependenceAudit:
 
     def _variation(self, ctx: AuditContext, traces: Any, cell: dict[str, Any]) -> Verdict:
         s = ctx.settings
-        tv_min = float(getattr(ctx.options, "tv_min", None) or TV_MIN)
+        tv_min = float(s.tv_min)
         tv = per_example_tv(traces)
         groups = traces.group if traces.meta.per_token else None
         names = traces.meta.layer_names or [f"layer {i}" for i in range(traces.n_layers)]
@@ -57,12 +60,11 @@ class ContentDependenceAudit:
                 tv[:, layer], n_boot=s.n_bootstrap, groups=groups, level=1 - s.alpha,
                 rng=ctx.rng(self.name, names[layer], 0))
             rows.append({"layer": names[layer], "tv": mean, "ci": [lo, hi]})
-        common = dict(audit=self.name, claim=self.claim, cell=cell,
-                      statistic="largest per-layer mean TV distance from the mean routing",
+        common = dict(statistic="largest per-layer mean TV distance from the mean routing",
                       threshold={"tv_min": tv_min, "level": 1 - s.alpha}, per_seed=rows)
         if not rows:
-            return Verdict(status=Status.FAIL, reason="routing is content-independent (no "
-                           "routing variation): no layer has two or more sources", **common)
+            return ctx.verdict(self, cell, Status.FAIL, "routing is content-independent (no "
+                               "routing variation): no layer has two or more sources", **common)
         top = max(rows, key=lambda r: r["tv"])
         passed = top["ci"][0] >= tv_min
         text = (f"largest TV {top['tv']:.3g} [{top['ci'][0]:.3g}, {top['ci'][1]:.3g}] at "
@@ -70,11 +72,11 @@ class ContentDependenceAudit:
                 f"vary by ≥ {tv_min:g}")
         reason = (f"routing is content-dependent: {text}" if passed else
                   f"routing is content-independent (no routing variation): {text}")
-        return Verdict(status=Status.PASS if passed else Status.FAIL, effect=top["tv"],
-                       ci=tuple(top["ci"]), reason=reason, **common)
+        return ctx.verdict(self, cell, Status.PASS if passed else Status.FAIL, reason,
+                           effect=top["tv"], ci=tuple(top["ci"]), **common)
 
     def _schedule(self, ctx: AuditContext, traces: Any, cell: dict[str, Any]) -> Verdict:
-        tol = float(getattr(ctx.options, "schedule_tol", None) or 1e-6)
+        tol = float(ctx.option("schedule_tol", SCHEDULE_TOL))
         deviation, (i, layer, source) = schedule_deviation(traces)  # type: ignore[misc]
         names = traces.meta.layer_names or [f"layer {k}" for k in range(traces.n_layers)]
         passed = deviation <= tol
@@ -83,10 +85,17 @@ class ContentDependenceAudit:
                   f"{deviation:.2g} ≤ {tol:g} ({where})" if passed else
                   f"routing departs from the declared schedule: max deviation {deviation:.3g} "
                   f"> {tol:g} at {where}")
-        return Verdict(audit=self.name, claim="Routing follows the analytic schedule the model "
-                       "declares.", cell=cell, status=Status.PASS if passed else Status.FAIL,
-                       statistic="max |observed − declared schedule|", effect=deviation,
-                       threshold={"tolerance": tol}, reason=reason)
+        return ctx.verdict(self, cell, Status.PASS if passed else Status.FAIL, reason,
+                           claim="Routing follows the analytic schedule the model declares.",
+                           statistic="max |observed − declared schedule|", effect=deviation,
+                           threshold={"tolerance": tol})
+
+
+@hookimpl
+def routeaudit_addoption(parser: Any) -> None:
+    group = parser.getgroup("content_dependence")
+    group.add_argument("--schedule-tol", type=float, default=SCHEDULE_TOL, metavar="TOL",
+                       help=f"tolerance of the declared-schedule check ({SCHEDULE_TOL:g})")
 
 
 @hookimpl

@@ -1,8 +1,8 @@
-"""Audit: the candidate must beat its shuffled-profile twins (methods.md §2.7).
+"""Audit: the candidate must beat its shuffled-profile twins (docs/methods.md §2.7).
 
 The twins see the real routing values, but attached to the wrong examples: shuffled across
 all examples (``shuffled_global``) or, stricter, within confidence bins
-(``shuffled_within_bin``). The within-bin shuffle is the decisive control (DESIGN.md §4):
+(``shuffled_within_bin``). The within-bin shuffle is the decisive control (docs/methods.md §2.7):
 under the null it is exchangeable with the real profile given confidence, so it has the same
 capacity, input distribution and optimisation; only the routing–correctness link differs.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from routeaudit.controls import SHUFFLE_KINDS
-from routeaudit.gain_audit import GainAudit
+from routeaudit.calibration.controls import SHUFFLE_KINDS
+from routeaudit.calibration.gain_audit import GainAudit
 from routeaudit.hookspecs import hookimpl
 
 

@@ -2,7 +2,7 @@
 
 Both rows run the same model on the same batches under ``torch.inference_mode`` (and the
 same autocast); the bare row calls ``adapter.forward`` and drops the outputs, the extraction
-row is ``routeaudit.extract.extract_traces(..., cache=False)``: host copies, per-batch
+row is ``routeaudit.model.extract.extract_traces(..., cache=False)``: host copies, per-batch
 checks, concatenation and TraceSet validation. The model is loaded once, outside the timed
 region, so the ratio is the collection overhead alone. Rows are medians over interleaved
 repeats (the machine may be shared); the overhead is the ratio of the medians, and the
@@ -38,8 +38,8 @@ from typing import Any  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from routeaudit.adapter import Adapter, ForwardOutput  # noqa: E402
-from routeaudit.extract import autocast_context, extract_traces, pick_device  # noqa: E402
+from routeaudit.model.adapter import Adapter, ForwardOutput  # noqa: E402
+from routeaudit.model.extract import autocast_context, extract_traces, pick_device  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 # CPU autocast runs RMSNorm with bf16 input and fp32 weight unfused; the warning is noise here.
@@ -117,8 +117,8 @@ def build_toy(args: argparse.Namespace, device: torch.device) -> tuple[Adapter, 
 
 def build_from_file(path: str, device: torch.device) -> tuple[Any, str]:
     """The registered model adapter of ``path``, its model loaded once and then reused."""
-    from routeaudit.adapter import find_adapters
-    from routeaudit.plugins import import_user_file
+    from routeaudit.model.adapter import find_adapters
+    from routeaudit.session.plugins import import_user_file
 
     (found,) = find_adapters(import_user_file(path))
     adapter = found() if isinstance(found, type) else found

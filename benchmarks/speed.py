@@ -275,7 +275,7 @@ def scipy_per_bin(
 
 
 def loop_weighted_gap(bins: np.ndarray, strata: np.ndarray, residual: np.ndarray) -> float:
-    """The weighted gap of methods.md §2.4 written directly (the loop baseline's statistic)."""
+    """The weighted gap of docs/methods.md §2.4 written directly (the loop baseline's statistic)."""
     cell = bins * N_STRATA + strata
     size = N_BINS * N_STRATA
     counts = np.bincount(cell, minlength=size).reshape(N_BINS, N_STRATA)

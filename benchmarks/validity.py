@@ -10,6 +10,10 @@ Prints, in one run:
 3. the stratification audit's false-positive rate (excess-gap CI above 0) on the null;
 4. power against planted routing-conditional miscalibration, over effect size and N.
 
+Every rate is of the shipped audits (``PermutationNullAudit.run``, ``StratificationAudit.run``)
+on the context ``routeaudit run`` builds (``AuditContext.for_traces``: the same split,
+summaries, bins and strata), one seed per replicate, so the figures validate the audit itself.
+
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/validity.py [--replicates 500] [--quick]``
 """
 
@@ -17,75 +21,65 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np
-import torch
 from scipy.stats import beta as beta_dist
 from scipy.stats import chi2_contingency
 
-from routeaudit.audits.stratification import excess_interval
+from routeaudit.audit import AuditContext, AuditSettings
+from routeaudit.audits.permutation_null import PermutationNullAudit
+from routeaudit.audits.stratification import StratificationAudit
 from routeaudit.fixtures.synthetic import make_traces
-from routeaudit.metrics import confidence_and_correct
-from routeaudit.stats import (
-    bootstrap_gap,
-    confidence_bins,
-    gap_statistics,
-    quantile_strata,
-    rng_for,
-    within_bin_permutation_test,
-    within_bin_strata,
-)
-from routeaudit.summaries import FeatureCache, default_registry
+from routeaudit.stats import quantile_strata
+from routeaudit.traces import TraceSet
+from routeaudit.verdict import Status
 
-torch.set_num_threads(1)
-REGISTRY = default_registry()
+SUMMARY = "r_agg"
 
 
-def replicate_data(kind: str, n: int, effect: float, rep: int, summary: str = "r_agg"):
-    ts = make_traces(kind, n, seed=10_000 + rep, effect=effect)
-    conf, correct = confidence_and_correct(ts.logits, ts.labels)
-    r = FeatureCache(ts, REGISTRY)[summary]
-    return conf, correct, r
+def replicate_traces(kind: str, n_eval: int, effect: float, rep: int) -> TraceSet:
+    """One synthetic model with 2N examples, so its evaluation split holds N."""
+    return make_traces(kind, 2 * n_eval, seed=10_000 + rep, effect=effect)
 
 
-def matched_strata(bins, r, mode: str = "within_bin"):
-    """The audit's routing strata: tertiles inside each confidence bin, or global tertiles."""
-    return within_bin_strata(bins, r, 3) if mode == "within_bin" else quantile_strata(r, 3)
+def audit_context(traces: TraceSet, seed: int, *, permutations: int, n_boot: int = 1000,
+                  alpha: float = 0.05, strata: str = "within_bin") -> AuditContext:
+    """The context ``routeaudit run`` builds for these traces, with one seed (one split)."""
+    settings = AuditSettings(alpha=alpha, n_permutations=permutations, n_bootstrap=n_boot,
+                             strata=strata)
+    return AuditContext.for_traces(traces, seeds=[seed], settings=settings, target="simulation")
 
 
-def permutation_rejects(conf, correct, r, *, alpha: float, permutations: int, seed: int,
-                        strata_mode: str = "within_bin") -> bool:
-    bins = confidence_bins(conf, 15, strategy="equal_mass")
-    strata = matched_strata(bins, r, strata_mode)
-    result = within_bin_permutation_test(bins, strata, correct - conf, n_bins=15, n_strata=3,
-                                         n_permutations=permutations, rng=rng_for("val", seed))
-    return bool(result.p_value <= alpha)
+def permutation_rejects(traces: TraceSet, *, seed: int, permutations: int, alpha: float = 0.05,
+                        strata: str = "within_bin") -> bool:
+    """The shipped ``permutation_null`` audit passes (rejects Y ⟂ R | C) on one split."""
+    ctx = audit_context(traces, seed, permutations=permutations, alpha=alpha, strata=strata)
+    (verdict,) = PermutationNullAudit().run(ctx, [{"summary": SUMMARY}])
+    return verdict.status is Status.PASS
 
 
-def naive_rejects(correct, r, *, alpha: float) -> bool:
-    """Accuracy differs across global routing tertiles (no confidence matching)."""
-    strata = quantile_strata(r, 3)
+def stratification_holds(traces: TraceSet, *, seed: int, permutations: int, n_boot: int) -> bool:
+    """The shipped ``stratification`` audit passes (excess CI above 0) on one split."""
+    ctx = audit_context(traces, seed, permutations=permutations, n_boot=n_boot)
+    (verdict,) = StratificationAudit().run(ctx, [{"summary": SUMMARY}])
+    return verdict.status is Status.PASS
+
+
+def naive_rejects(traces: TraceSet, *, seed: int, alpha: float) -> bool:
+    """The test without confidence matching: accuracy differs across global routing tertiles
+    (chi-square), on the same evaluation split the audits use."""
+    data = audit_context(traces, seed, permutations=1).seeds[0]
+    _, correct = data.conf_correct("eval")
+    strata = quantile_strata(data.summary(SUMMARY, "eval"), 3)
     table = np.array([[np.sum((strata == t) & (correct == 1)), np.sum((strata == t) & (correct == 0))]
                       for t in range(3)])
     return bool(chi2_contingency(table)[1] <= alpha)
-
-
-def stratification_holds(conf, correct, r, *, permutations: int, n_boot: int, seed: int) -> bool:
-    bins = confidence_bins(conf, 15, strategy="equal_mass")
-    strata = matched_strata(bins, r)
-    kw = dict(n_bins=15, n_strata=3)
-    res = correct - conf
-    wg = gap_statistics(bins, strata, res, **kw).weighted_gap
-    null = within_bin_permutation_test(bins, strata, res, **kw, n_permutations=permutations,
-                                       rng=rng_for("val-null", seed))
-    _, _, replicates = bootstrap_gap(bins, strata, res, **kw, n_boot=n_boot,
-                                     rng=rng_for("val-b", seed))
-    excess = wg - null.null_mean
-    ci_low, _ = excess_interval(excess, replicates, 0.95)
-    return bool(excess > 0 and ci_low > 0)
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -104,13 +98,12 @@ def rate(flags: list[bool]) -> str:
 def null_study(replicates: int, n: int, permutations: int, alpha: float, strat_reps: int):
     perm, naive, strat = [], [], []
     for rep in range(replicates):
-        conf, correct, r = replicate_data("null", n, 0.0, rep)
-        perm.append(permutation_rejects(conf, correct, r, alpha=alpha,
-                                        permutations=permutations, seed=rep))
-        naive.append(naive_rejects(correct, r, alpha=alpha))
+        traces = replicate_traces("null", n, 0.0, rep)
+        perm.append(permutation_rejects(traces, seed=rep, permutations=permutations, alpha=alpha))
+        naive.append(naive_rejects(traces, seed=rep, alpha=alpha))
         if rep < strat_reps:
-            strat.append(stratification_holds(conf, correct, r, permutations=permutations,
-                                              n_boot=200, seed=rep))
+            strat.append(stratification_holds(traces, seed=rep, permutations=permutations,
+                                              n_boot=200))
     return perm, naive, strat
 
 
@@ -118,11 +111,9 @@ def power_study(effects, sizes, replicates: int, permutations: int, alpha: float
     table = {}
     for n in sizes:
         for effect in effects:
-            flags = []
-            for rep in range(replicates):
-                conf, correct, r = replicate_data("planted", n, effect, rep)
-                flags.append(permutation_rejects(conf, correct, r, alpha=alpha,
-                                                 permutations=permutations, seed=rep))
+            flags = [permutation_rejects(replicate_traces("planted", n, effect, rep), seed=rep,
+                                         permutations=permutations, alpha=alpha)
+                     for rep in range(replicates)]
             table[(n, effect)] = float(np.mean(flags))
     return table
 
@@ -139,9 +130,10 @@ def main() -> None:
     if args.quick:
         args.replicates, args.power_replicates = 100, 30
     started = time.perf_counter()
-    print(f"threads: torch {torch.get_num_threads()}, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS')}; N = {args.n}; B = {args.permutations}; "
-          f"alpha = {args.alpha}; summary r_agg; 15 equal-mass bins x 3 tertiles")
+    print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} (numpy kernels); "
+          f"N = {args.n} evaluation examples (2N traces, one 50/50 split per replicate); "
+          f"B = {args.permutations}; alpha = {args.alpha}; summary {SUMMARY}; 15 equal-mass bins "
+          "x 3 within-bin tertiles; the shipped permutation_null and stratification audits")
     perm, naive, strat = null_study(args.replicates, args.n, args.permutations, args.alpha,
                                     strat_reps=min(args.replicates, 200))
     print("\nConfounded null (Y independent of R given C; corr(R, C) strong):")

@@ -1,7 +1,7 @@
 """Error rates of the calibrator audits, by simulation (issue [2/6], item 6).
 
 Each replicate draws a fresh synthetic model and audits the full-vector MLP over
-(confidence, H_1..H_L) of methods.md §2.7 on it, exactly as ``routeaudit run`` would (three
+(confidence, H_1..H_L) of docs/methods.md §2.7 on it, exactly as ``routeaudit run`` would (three
 seeds, each redrawing the 50/50 calibration/evaluation split; twins with three restarts):
 
 * **capacity-only** (``make_traces("null")``): routing strongly correlated with confidence,
@@ -35,32 +35,21 @@ import numpy as np
 import torch
 
 from benchmarks.validity import rate
-from routeaudit.audit import AuditContext, AuditSettings, SeedData, stratified_split
+from routeaudit.audit import AuditContext, AuditSettings
 from routeaudit.audits.capacity_control import CapacityControlAudit
 from routeaudit.audits.shuffled_profile import ShuffledProfileAudit
-from routeaudit.calibrators import MLPCalibrator, calibrator
+from routeaudit.calibrators.mlp import mlp_profile
 from routeaudit.fixtures.synthetic import make_traces
-from routeaudit.summaries import FeatureCache, default_registry
-
-
-@calibrator(["confidence", "profile"], name="mlp_profile")
-def mlp_profile() -> MLPCalibrator:
-    return MLPCalibrator()
 
 
 def audit_context(traces, seeds=(0, 1, 2), n_boot: int = 1000) -> AuditContext:
-    """The context ``routeaudit run`` builds for one target (seeds redraw the split)."""
-    registry = default_registry()
-    cache = FeatureCache(traces, registry)
-    seed_data = []
-    for seed in seeds:
-        data = SeedData(seed, traces, None, None, cache)  # type: ignore[arg-type]
-        data.cal_index, data.eval_index = stratified_split(data.confidence, data.correct, seed)
-        seed_data.append(data)
+    """The context ``routeaudit run`` builds for one target (seeds redraw the split), with
+    the full-vector MLP of ``mlp_profile`` registered and only these audits' twins fitted."""
     audits = (CapacityControlAudit(), ShuffledProfileAudit())
-    kinds = tuple(k for a in audits for k in a.kinds)
-    return AuditContext("simulation", seed_data, AuditSettings(n_bootstrap=n_boot), registry,
-                        calibrator=mlp_profile, control_kinds=kinds)
+    kinds = tuple(k for a in audits for k in a.control_kinds)
+    return AuditContext.for_traces(traces, seeds=seeds, settings=AuditSettings(n_bootstrap=n_boot),
+                                   target="simulation", calibrator=mlp_profile,
+                                   control_kinds=kinds)
 
 
 #: The genuine case: the planted effect of fixtures/calibrator_genuine.py.

@@ -1,14 +1,22 @@
 """routeaudit: pytest-style audits for routing-aware calibration and interpretability claims.
 
-This module is the whole public API; everything else is an implementation detail.
+This module is the whole public API; docs/architecture.md draws the layers behind it.
+Importing it is cheap (no torch, no scipy): they load only where a model runs, an MLP
+trains or a kernel needs them.
 """
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from routeaudit.adapter import Adapter, ForwardOutput, TraceAdapter, adapter
-from routeaudit.audit import AuditContext, AuditSettings, SeedData
+from routeaudit._version import __version__
+from routeaudit.audit import (
+    Audit,
+    AuditContext,
+    AuditSettings,
+    BaseAudit,
+    SeedData,
+    SeedOutcome,
+    SeedTally,
+)
 from routeaudit.calibrators.base import BaseCalibrator, calibrator, clone
 from routeaudit.calibrators.checks import check_calibrator
 from routeaudit.errors import (
@@ -19,16 +27,19 @@ from routeaudit.errors import (
     UsageError,
 )
 from routeaudit.hookspecs import hookimpl, hookspec
-from routeaudit.intervention import RoutingIntervention
+from routeaudit.model.adapter import Adapter, ForwardOutput, TraceAdapter, adapter
+from routeaudit.model.intervention import RoutingIntervention
 from routeaudit.traces import TraceMeta, TraceSet
 from routeaudit.verdict import ExitCode, Report, Status, Verdict
 
 __all__ = [
     "Adapter",
     "AdapterError",
+    "Audit",
     "AuditContext",
     "AuditError",
     "AuditSettings",
+    "BaseAudit",
     "BaseCalibrator",
     "ExitCode",
     "ForwardOutput",
@@ -36,6 +47,8 @@ __all__ = [
     "RouteAuditError",
     "RoutingIntervention",
     "SeedData",
+    "SeedOutcome",
+    "SeedTally",
     "Status",
     "TraceAdapter",
     "TraceMeta",

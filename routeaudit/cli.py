@@ -1,4 +1,11 @@
-"""Command line: argument parsing only; the work happens in runner and extract."""
+"""Command line: argument parsing only; the work happens in routeaudit.session and .model.
+
+The core parser knows the options every run has (targets, selection, statistics,
+extraction, verbosity); each built-in audit and reporter adds its own through
+``routeaudit_addoption``, as pytest plugins do. Exit codes are pytest's (``ExitCode``); no
+input ends in a traceback: a user's mistake is exit 4 with one message, a plugin that raises
+is an ``error`` row (exit 1), and a closed output pipe ends quietly.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +15,20 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from routeaudit import __version__
-from routeaudit.config import Config
+from routeaudit._version import __version__
 from routeaudit.errors import RouteAuditError, TraceValidationError, UsageError
-from routeaudit.plugins import (
-    check_hooks,
-    import_user_file,
-    make_plugin_manager,
-    register_user_module,
-)
-from routeaudit.summaries import default_registry
 from routeaudit.verdict import ExitCode
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with pytest's ``getgroup``: options of one plugin share one help section."""
+
+    def getgroup(self, title: str, description: str | None = None) -> argparse._ArgumentGroup:
+        """The option group called ``title``, created on first use."""
+        for group in self._action_groups:
+            if group.title == title:
+                return group
+        return self.add_argument_group(title, description)
 
 
 def _seeds(text: str) -> list[int]:
@@ -45,16 +55,24 @@ def _positive(text: str) -> int:
     return value
 
 
-def add_run_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("targets", nargs="+", metavar="TARGET",
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text}")
+    return value
+
+
+def add_run_options(parser: Parser, *, early: bool = False) -> None:
+    """The core options of ``routeaudit run`` (plugins add theirs with ``getgroup``)."""
+    parser.add_argument("targets", nargs="*" if early else "+", metavar="TARGET",
                         help="adapter .py file, trace directory or .npz file")
-    sel = parser.add_argument_group("selection")
+    sel = parser.getgroup("selection")
     sel.add_argument("-k", dest="keyword", metavar="EXPR",
                      help="only cells whose node id matches EXPR (substrings, and/or/not)")
     sel.add_argument("--audit", action="append", metavar="NAME", help="run only this audit (repeatable)")
     sel.add_argument("--summary", action="append", metavar="NAME",
                      help="routing summary to claim about (repeatable; default: all built-in)")
-    st = parser.add_argument_group("statistics")
+    st = parser.getgroup("statistics")
     st.add_argument("--seeds", type=_seeds, default=[0, 1, 2], metavar="0,1,2",
                     help="seeds; each redraws the 50/50 calibration/evaluation split (default 0,1,2)")
     st.add_argument("--alpha", type=_probability, default=0.05, help="significance level (0.05)")
@@ -74,35 +92,26 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
                     help="a claim must hold in all seeds (default) or a majority")
     st.add_argument("--inconclusive", choices=["fail", "warn"], default="fail",
                     help="whether an inconclusive verdict fails the run (fail)")
-    st.add_argument("--tv-min", type=float, default=None, metavar="TV",
+    st.add_argument("--tv-min", type=_non_negative, default=1e-4, metavar="TV",
                     help="routing whose largest per-layer TV distance from the mean routing is "
-                         "below TV is content-independent (1e-4)")
-    st.add_argument("--schedule-tol", type=float, default=None, metavar="TOL",
-                    help="tolerance of the declared-schedule check (1e-6)")
-    st.add_argument("--mass-min", type=float, default=None, metavar="M",
-                    help="causal_ablation: a slice holding routing mass >= M must have an "
-                         "effect (0.10)")
-    st.add_argument("--depth-bands", type=_positive, default=None, metavar="N",
-                    help="causal_ablation: depth bands per sublayer type (2: early/late)")
-    st.add_argument("--no-renormalize", action="store_true",
-                    help="causal_ablation: zero the masked weights instead of renormalizing")
-    st.add_argument("--tertile-summary", metavar="NAME", default=None,
-                    help="routing summary whose tertiles define worst-tertile ECE (default: the "
-                         "calibrator's first scalar routing feature, else r_agg)")
-    st.add_argument("--calibrator", metavar="module:factory",
-                    help="calibrator factory to audit (a registered name or module:factory)")
-    st.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    add_extraction_options(st)
-    out = parser.add_argument_group("reporting")
-    out.add_argument("--json", metavar="PATH", help="write the JSON report")
-    out.add_argument("--junitxml", metavar="PATH", help="write JUnit XML, one testcase per verdict")
-    out.add_argument("--html", metavar="PATH", help="write a self-contained HTML report")
+                         "below TV is content-independent (1e-4; 0 turns the check off)")
+    cal = parser.getgroup("calibrator audits")
+    cal.add_argument("--calibrator", metavar="module:factory",
+                     help="calibrator factory to audit (a registered name or module:factory)")
+    cal.add_argument("--tertile-summary", metavar="NAME", default=None,
+                     help="routing summary whose tertiles define worst-tertile ECE (default: the "
+                          "calibrator's first scalar routing feature, else r_agg)")
+    ext = parser.getgroup("extraction")
+    ext.add_argument("--device", default=None,
+                     help="torch device (default: cuda if present, else cpu)")
+    add_extraction_options(ext)
+    out = parser.getgroup("reporting")
     out.add_argument("-q", "--quiet", action="count", default=0, help="less output")
     out.add_argument("-v", "--verbose", action="count", default=0, help="more output")
 
 
-def add_extraction_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """Stage A options shared by ``run`` and ``extract`` (see routeaudit.extract)."""
+def add_extraction_options(parser: Any) -> None:
+    """Stage A options shared by ``run`` and ``extract`` (see routeaudit.model.extract)."""
     parser.add_argument("--cache-dir", metavar="DIR", default=None,
                         help="trace cache directory (default: $ROUTEAUDIT_CACHE_DIR, "
                              "else ./.routeaudit_cache)")
@@ -112,22 +121,28 @@ def add_extraction_options(parser: argparse.ArgumentParser | argparse._ArgumentG
                         help="run the model under bf16 autocast (default none)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="routeaudit",
+def build_parser(*, early: bool = False) -> Parser:
+    """The command line. ``early=True`` builds the lenient pre-parser that only finds the
+    command, the targets and ``--no-entry-points`` before plugins are loaded (no help, no
+    required arguments), so that ``run --help`` can list the options plugins add."""
+    parser = Parser(
+        prog="routeaudit", add_help=not early,
         description="Audit routing-aware calibration and interpretability claims.")
     parser.add_argument("--version", action="version", version=f"routeaudit {__version__}")
     parser.add_argument("-p", dest="plugins", action="append", default=[], metavar="PLUGIN",
-                        help="load plugin module PLUGIN, or block one with no:NAME (repeatable)")
+                        help="load plugin PLUGIN (a module name or a .py file), or block one "
+                             "with no:NAME (repeatable)")
     parser.add_argument("--no-entry-points", action="store_true",
                         help="do not autoload plugins from installed packages")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_run_options(sub.add_parser("run", help="run the audit battery on targets"))
-    lst = sub.add_parser("audits", help="list the audits that plugins provide")
+    sub = parser.add_subparsers(dest="command", required=not early, parser_class=Parser)
+    add_run_options(sub.add_parser("run", help="run the audit battery on targets",
+                                   add_help=not early), early=early)
+    lst = sub.add_parser("audits", help="list the audits that plugins provide", add_help=not early)
     lst.add_argument("targets", nargs="*", metavar="TARGET", help="adapter files whose plugins count")
-    ext = sub.add_parser("extract", help="extract traces from an adapter and store them")
-    ext.add_argument("targets", nargs=1, metavar="ADAPTER")
-    ext.add_argument("-o", "--output", required=True, help="trace directory to write")
+    ext = sub.add_parser("extract", help="extract traces from an adapter and store them",
+                         add_help=not early)
+    ext.add_argument("targets", nargs="*" if early else 1, metavar="ADAPTER")
+    ext.add_argument("-o", "--output", required=not early, help="trace directory to write")
     ext.add_argument("--device", default=None)
     add_extraction_options(ext)
     ext.add_argument("-q", "--quiet", action="count", default=0)
@@ -141,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("routeaudit: interrupted", file=sys.stderr)
         return int(ExitCode.INTERRUPTED)
+    except BrokenPipeError:  # the reader went away (e.g. `routeaudit audits | head`)
+        from routeaudit.report.terminal import silence_stdout
+
+        silence_stdout()
+        return int(ExitCode.OK)
     except TraceValidationError as exc:
         print(f"routeaudit: invalid traces: {exc}", file=sys.stderr)
         return int(ExitCode.USAGE_ERROR)
@@ -172,7 +192,7 @@ def split_plugin_args(argv: list[str]) -> tuple[list[str], list[str]]:
         if arg == "-p":
             value = next(it, None)
             if value is None:
-                raise UsageError("-p needs a plugin module name or no:NAME")
+                raise UsageError("-p needs a plugin module name, a .py file, or no:NAME")
             plugins.append(value)
         elif arg.startswith("-p") and len(arg) > 2:
             plugins.append(arg[2:])
@@ -182,13 +202,28 @@ def split_plugin_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _main(argv: list[str]) -> int:
+    from routeaudit.session.calls import HookCaller, PluginFailure
+    from routeaudit.session.config import Config
+    from routeaudit.session.plugins import (
+        check_hooks,
+        import_user_file,
+        make_plugin_manager,
+        register_user_module,
+    )
+    from routeaudit.summaries import default_registry
+
     parser = build_parser()
     plugin_args, argv = split_plugin_args(argv)
-    early, _ = parser.parse_known_args(argv) if argv else (None, None)
-    if early is None:
+    if not argv:
         parser.print_help()
         return int(ExitCode.USAGE_ERROR)
-    pm = make_plugin_manager(plugin_args, load_entry_points=not early.no_entry_points)
+    early, _ = build_parser(early=True).parse_known_args(argv)
+    if early.command is None:  # `routeaudit --help`, `--version` or a usage error: no plugins
+        parser.parse_args(argv)
+        return int(ExitCode.USAGE_ERROR)
+    failures: list[PluginFailure] = []
+    pm = make_plugin_manager(plugin_args, load_entry_points=not early.no_entry_points,
+                             failures=failures)
     modules: dict[str, Any] = {}
     for target in getattr(early, "targets", []) or []:
         if target.endswith(".py"):
@@ -196,19 +231,27 @@ def _main(argv: list[str]) -> int:
             modules[target] = module
             register_user_module(pm, module, Path(target).name)
     check_hooks(pm)
-    run_parser = _subparser(parser, "run")
-    pm.hook.routeaudit_addoption.call_historic(kwargs={"parser": run_parser})
+    caller = HookCaller(pm, failures, reraise=(RouteAuditError,))
+    caller.call("routeaudit_addoption", parser=_subparser(parser, "run"))
     options = parser.parse_args(argv)
-    config = Config(options=options, pluginmanager=pm, summaries=default_registry())
+    config = Config(options=options, pluginmanager=pm, summaries=default_registry(),
+                    failures=failures)
     if options.command == "audits":
         return _list_audits(config)
     if options.command == "extract":
         return _extract(options, modules)
-    pm.hook.routeaudit_configure.call_historic(kwargs={"config": config})
-    from routeaudit.runner import run_session
+    caller.call("routeaudit_configure", config=config)
+    from routeaudit.session.runner import run_session
 
     report = run_session(config, options.targets, modules)
-    pm.hook.routeaudit_sessionfinish(config=config, exitstatus=report.exit_code)
+    finish: list[PluginFailure] = []
+    HookCaller(pm, finish).call("routeaudit_sessionfinish", config=config,
+                                exitstatus=report.exit_code)
+    for failure in finish:  # the reports are written: say it here, and fail the run
+        print(f"routeaudit: plugin {failure.plugin!r}: {failure.verdict().reason}\n"
+              f"{failure.call.traceback}", file=sys.stderr)
+    if finish and report.exit_code == ExitCode.OK:
+        return int(ExitCode.VERDICT_FAILED)
     return report.exit_code
 
 
@@ -219,22 +262,30 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     raise RuntimeError("no subparsers")
 
 
-def _list_audits(config: Config) -> int:
-    from routeaudit.runner import collect_audits
+def _list_audits(config: Any) -> int:
+    from routeaudit.session.runner import collect_audits
 
     config.options.audit = None
     audits = collect_audits(config)
+    pm = config.pluginmanager
+    lines = []
     for audit in audits:
         needs = ", ".join(sorted(audit.needs))
-        plugin = config.pluginmanager.get_name(
-            config.pluginmanager.get_plugin(type(audit).__module__) or audit) or type(audit).__module__
-        print(f"{audit.name}  [{needs}]  ({plugin})\n    {audit.claim}")
+        plugin = pm.get_name(pm.get_plugin(type(audit).__module__) or audit) \
+            or type(audit).__module__
+        lines.append(f"{audit.name}  [{needs}]  ({plugin})\n    {audit.claim}")
+    for failure in config.failures:
+        lines.append(f"{failure.plugin}  [error]\n    {failure.verdict().reason}")
+    print("\n".join(lines))
+    if config.failures:
+        return int(ExitCode.VERDICT_FAILED)
     return int(ExitCode.OK if audits else ExitCode.NO_AUDITS)
 
 
 def _extract(options: argparse.Namespace, modules: dict[str, Any]) -> int:
-    from routeaudit.adapter import find_adapters, traces_from_adapter
     from routeaudit.errors import AdapterError
+    from routeaudit.model.adapter import find_adapters
+    from routeaudit.model.extract import traces_from_adapter
 
     target = options.targets[0]
     if target not in modules:

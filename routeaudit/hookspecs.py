@@ -7,6 +7,11 @@ user's own adapter file. ``-p no:NAME`` blocks a plugin by name. A function whos
 with ``routeaudit_`` but matches no spec fails at start-up, so a misspelled hook is never
 silently ignored.
 
+Hook implementations are called one at a time: one that raises becomes an ``error`` row (its
+traceback in every report), the other implementations and the rest of the run go on, and
+the exit code is 1. Only a deliberate ``routeaudit.RouteAuditError`` (e.g. a
+``TraceValidationError`` from ``routeaudit_traces_ready``) ends the run, as a usage error.
+
 Call order in one session::
 
     routeaudit_addoption            (historic)  add command-line options
@@ -31,7 +36,7 @@ if TYPE_CHECKING:
     import argparse
 
     from routeaudit.audit import Audit, Executor
-    from routeaudit.config import Config
+    from routeaudit.session.config import Config
     from routeaudit.summaries import SummaryRegistry
     from routeaudit.traces import TraceSet
     from routeaudit.verdict import Report, Verdict
@@ -46,9 +51,12 @@ def routeaudit_addoption(parser: argparse.ArgumentParser) -> None:
     """Add command-line options to ``routeaudit run``.
 
     Called once per plugin, before the command line is parsed. Use
-    ``parser.add_argument_group("my-plugin")`` and prefix options with the plugin's name.
-    Plugins from the user's adapter file are registered before parsing too, so they may add
-    options as well.
+    ``parser.getgroup("my-plugin").add_argument(...)`` (pytest's spelling; one help section
+    per group) and prefix options with the plugin's name. Give every option its real default
+    (not None), so that the report records it; audits read their options with
+    ``ctx.option(name, default)``, which honours 0. Plugins from the user's adapter file are
+    registered before parsing too, so they may add options as well. Blocking a plugin
+    (``-p no:NAME``) removes its options.
     """
 
 
@@ -93,8 +101,12 @@ def routeaudit_collect_audits(config: Config) -> list[Audit] | None:
     """Return the Audit objects this plugin contributes (or None).
 
     An audit has ``name``, ``claim`` (one sentence), ``needs`` (a set drawn from
-    ``{"traces", "calibrator", "model"}``), ``min_examples``, ``cells(ctx)`` (the claims it
-    can test, each a dict) and ``run(ctx, cells) -> list[Verdict]``. Names must be unique.
+    ``{"traces", "calibrator", "model"}``), ``cells(ctx)`` (the claims it can test, each a
+    dict) and ``run(ctx, cells) -> list[Verdict]``, plus optional members with defaults
+    (``min_examples``, ``routing_aware``, ``control_kinds``, ``reruns``): every member the
+    runner reads is declared, with its docstring, on :class:`routeaudit.Audit`; subclass
+    :class:`routeaudit.BaseAudit` for the defaults. Names must be unique. An audit whose
+    needs a target does not meet gets a ``skip`` row with the reason.
     """
 
 

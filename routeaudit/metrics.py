@@ -1,4 +1,4 @@
-"""Calibration metrics as pure functions on numpy arrays (methods.md §2.2, §2.3, §5).
+"""Calibration metrics as pure functions on numpy arrays (docs/methods.md §2.2, §2.3, §5).
 
 Every function takes per-example arrays and returns a float (or a small array); nothing is
 stored. Accumulation is float64 whatever the input dtype. The conventions, pinned because
@@ -23,7 +23,6 @@ from functools import lru_cache
 from typing import Literal
 
 import numpy as np
-from scipy.signal import fftconvolve
 
 __all__ = [
     "BinClosure",
@@ -35,10 +34,14 @@ __all__ = [
     "confidence_and_correct",
     "ece",
     "equal_mass_edges",
+    "log_softmax",
     "mce",
     "nll",
+    "per_example_nll",
+    "predictive_entropy",
     "quantile_tiles",
     "smooth_ece",
+    "softmax",
     "tile_ece",
     "worst_tile_ece",
 ]
@@ -48,7 +51,7 @@ BinStrategy = Literal["equal_width", "equal_mass"]
 Norm = Literal["l1", "l2", "max"]
 
 NLL_EPS = 1e-12  # floor on p_label in `nll`
-BINARY_NLL_EPS = 1e-6  # clip of p in `binary_nll` (methods.md §2.6 numerical guards)
+BINARY_NLL_EPS = 1e-6  # clip of p in `binary_nll` (docs/methods.md §2.6 numerical guards)
 SMECE_DENSITY_EPS = 1e-4  # relplot 1.0.3's additive density floor
 _MAX_BINS = 10**6  # one bincount of this length per block
 # Examples are processed in blocks of this many so that every temporary stays in L2 cache;
@@ -277,8 +280,19 @@ def _width_bin_sums(
     return s_out, n_out
 
 
-def bin_indices(conf: np.ndarray, n_bins: int = 15, closed: BinClosure = "right") -> np.ndarray:
-    """Equal-width bin index (0 .. n_bins-1) of each confidence, exact at the edges.
+def bin_indices(
+    conf: np.ndarray,
+    n_bins: int = 15,
+    closed: BinClosure = "right",
+    *,
+    strategy: BinStrategy = "equal_width",
+) -> np.ndarray:
+    """Bin index (0 .. n_bins-1) of each confidence, exact at the edges.
+
+    The one binning rule of the package: the metrics, the matched-confidence audits and the
+    worst-tertile bootstrap all call it. ``strategy="equal_mass"`` uses the edges of
+    :func:`equal_mass_edges` with the same closure rule; what follows describes the default
+    equal-width bins.
 
     Edges are ``e = np.linspace(0, 1, n_bins + 1)``. With ``closed="right"`` bin ``m`` is
     ``(e[m], e[m+1]]`` (first bin ``[0, e[1]]``); with ``closed="left"`` it is
@@ -305,6 +319,12 @@ def bin_indices(conf: np.ndarray, n_bins: int = 15, closed: BinClosure = "right"
     c = _as_float_1d(conf, "conf")
     n_bins = _check_n_bins(n_bins)
     _check_closed(closed)
+    if strategy == "equal_mass":
+        if c.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        return _edge_bins(c, equal_mass_edges(c, n_bins), closed).astype(np.int64)
+    if strategy != "equal_width":
+        raise ValueError(f"strategy must be 'equal_width' or 'equal_mass', got {strategy!r}")
     n = c.size
     out = np.empty(n, dtype=np.int64)
     m = min(n, _CHUNK)
@@ -368,6 +388,44 @@ def _bin_sums(
 # --------------------------------------------------------------------------- top-label inputs
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64, max-shifted so it cannot overflow.
+
+    The one softmax of the package: confidences, calibrator inputs, derived features and the
+    reported probabilities all come from it.
+
+    Example:
+        >>> softmax(np.log([[0.2, 0.8]])).round(6).tolist()
+        [[0.2, 0.8]]
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(axis=1, keepdims=True)
+    return p
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (max-shifted, then minus the log normaliser)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def predictive_entropy(logits: np.ndarray) -> np.ndarray:
+    """Entropy of the softmax, −Σ_k p_k log p_k in nats (0 · log 0 = 0), per example."""
+    p = softmax(logits)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+
+
+def per_example_nll(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """−log softmax(z)_y per example (float64): the multiclass NLL before averaging."""
+    lab = np.asarray(labels, dtype=np.int64)
+    return -log_softmax(logits)[np.arange(lab.size), lab]
+
+
+
 def confidence_and_correct(
     logits_or_probs: np.ndarray, labels: np.ndarray, *, from_logits: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -396,11 +454,7 @@ def confidence_and_correct(
         i = int(np.argmax(~np.isfinite(x).all(axis=1)))
         raise ValueError(f"logits_or_probs row {i} contains NaN or inf")
     lab = _check_labels(labels, x.shape[0], x.shape[1])
-    if from_logits:
-        p = np.exp(x - x.max(axis=1, keepdims=True))
-        p /= p.sum(axis=1, keepdims=True)
-    else:
-        p = x
+    p = softmax(x) if from_logits else x
     pred = p.argmax(axis=1)
     conf = p[np.arange(p.shape[0]), pred]
     return conf.astype(np.float64), (pred == lab).astype(np.float64)
@@ -420,7 +474,7 @@ def ece(
 ) -> float:
     r"""Expected calibration error of top-label confidences (Guo et al. 2017; ECE15).
 
-    Why: the headline miscalibration score of methods.md §2.2, with the bin closure pinned.
+    Why: the headline miscalibration score of docs/methods.md §2.2, with the bin closure pinned.
 
     .. math::
         \mathrm{ECE} = \sum_{b:\,n_b>0} \frac{n_b}{N}\,\lvert \bar y_b - \bar c_b \rvert
@@ -476,7 +530,7 @@ def mce(
     min_count: int = 5,
     closed: BinClosure = "right",
 ) -> float:
-    r"""Maximum calibration error over bins with enough support (methods.md §2.2).
+    r"""Maximum calibration error over bins with enough support (docs/methods.md §2.2).
 
     Why: the paper's stress-test metric; bins with fewer than ``min_count`` examples are
     ignored, so one stray example cannot set the maximum.
@@ -564,7 +618,7 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
 def binary_nll(p: np.ndarray, y: np.ndarray) -> float:
     r"""Mean Bernoulli NLL, :math:`-\frac1N\sum_i [y_i\log p_i + (1-y_i)\log(1-p_i)]`.
 
-    ``p`` is clipped to ``[1e-6, 1 - 1e-6]`` first (methods.md §2.6 numerical guards), so a
+    ``p`` is clipped to ``[1e-6, 1 - 1e-6]`` first (docs/methods.md §2.6 numerical guards), so a
     probe that outputs exactly 0 or 1 gets a finite score.
 
     Example:
@@ -652,7 +706,7 @@ def tile_ece(
     *,
     closed: BinClosure = "right",
 ) -> np.ndarray:
-    r"""ECE15 within each quantile tile of a routing summary (methods.md §2.3, Eq. 2).
+    r"""ECE15 within each quantile tile of a routing summary (docs/methods.md §2.3, Eq. 2).
 
     Why: routing-conditional miscalibration shows up as one tile being worse calibrated
     than the global ECE suggests.
@@ -696,7 +750,7 @@ def worst_tile_ece(
     *,
     closed: BinClosure = "right",
 ) -> float:
-    r"""Worst-routing-tertile ECE: :math:`\max_t \mathrm{ECE15}(S_t)` (methods.md §2.3).
+    r"""Worst-routing-tertile ECE: :math:`\max_t \mathrm{ECE15}(S_t)` (docs/methods.md §2.3).
 
     The paper's routing-conditional headline score (with ``k=3``). Empty tiles (NaN in
     :func:`tile_ece`) are left out of the max; NaN only if every tile is empty.
@@ -731,6 +785,8 @@ def _reflected_smooth(grid: np.ndarray, sigma: float) -> np.ndarray:
     t = np.linspace(0.0, 1.0, n_grid)
     kernel = np.exp(-((t - 0.5) ** 2) / (2.0 * sigma * sigma)) / (math.sqrt(2 * math.pi) * sigma)
     ext = np.pad(grid, ((0, 0), (n_grid - 1, n_grid - 1)), mode="reflect")
+    from scipy.signal import fftconvolve  # heavy import: only when SmoothECE is computed
+
     full = fftconvolve(ext, kernel[None, :], mode="valid", axes=1)
     return full[:, n_grid // 2 : n_grid // 2 + n_grid]
 

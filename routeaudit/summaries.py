@@ -1,7 +1,7 @@
 """Routing summaries: named functions of a TraceSet giving one value (or one profile) per example.
 
-The definitions follow methods.md §2.1. Where the papers leave a choice open the default
-is the one methods.md gives, and the alternative is registered under its own name, so a
+The definitions follow docs/methods.md §2.1. Where the papers leave a choice open the default
+is the one docs/methods.md gives, and the alternative is registered under its own name, so a
 report always says which variant was audited:
 
 - ``r_agg``: mean over layers with ≥ 2 valid sources of H_l = −Σ_k α_k log α_k (nats).
@@ -22,8 +22,8 @@ from typing import Literal
 
 import numpy as np
 
+from routeaudit import metrics
 from routeaudit.errors import UsageError
-from routeaudit.metrics import confidence_and_correct
 from routeaudit.traces import TraceSet
 
 SummaryFn = Callable[[TraceSet], np.ndarray]
@@ -66,6 +66,19 @@ class SummaryRegistry:
                            + (" / log n_l" if normalized else ""))
         known = ", ".join(sorted(self._items))
         raise UsageError(f"unknown summary {name!r}; known: {known}, or H<layer>[_norm]")
+
+    def check(self, name: str, traces: TraceSet) -> None:
+        """Raise a UsageError naming what exists unless ``name`` can be computed for ``traces``
+        (an unknown name, or ``H<l>`` for a layer the traces do not have)."""
+        self.get(name)
+        match = self._layer_pattern.match(name)
+        if match and int(match.group(1)) >= traces.n_layers:
+            last = traces.n_layers - 1
+            layers = (f"H0..H{last}" if last > 0 else "H0") if last >= 0 else "none"
+            raise UsageError(
+                f"unknown summary {name!r}: the traces {traces.meta.name!r} have "
+                f"{traces.n_layers} routing layers, numbered from 0 (per-layer summaries: "
+                f"{layers}); other summaries: {', '.join(s.name for s in self)}")
 
     def __iter__(self) -> Iterator[Summary]:
         return iter(self._items.values())
@@ -174,14 +187,11 @@ def depth_variance_across(traces: TraceSet) -> np.ndarray:
 
 
 def confidence(traces: TraceSet) -> np.ndarray:
-    return confidence_and_correct(traces.logits, traces.labels)[0]
+    return metrics.confidence_and_correct(traces.logits, traces.labels)[0]
 
 
 def predictive_entropy(traces: TraceSet) -> np.ndarray:
-    logits = traces.logits.astype(np.float64)
-    logp = logits - logits.max(axis=1, keepdims=True)
-    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
-    return -(np.exp(logp) * logp).sum(axis=1)
+    return metrics.predictive_entropy(traces.logits)
 
 
 def default_registry() -> SummaryRegistry:
@@ -202,3 +212,49 @@ def default_registry() -> SummaryRegistry:
     registry.register("predictive_entropy", predictive_entropy,
                       "entropy of the softmax (nats)", kind="output")
     return registry
+
+
+# ---------------------------------------------------------------------- content dependence
+# A routing-aware claim needs routing that varies across examples (docs/methods.md §9). The
+# measure is, per routing layer, the mean total-variation distance of an example's routing
+# from the mean routing, TV_l = mean_i ½ Σ_k |α_ik − ᾱ_k| (0 for content-independent routing,
+# at most 1). A model may also declare an analytic routing schedule (TraceMeta.schedule,
+# e.g. the recency-bias schedule of a wrapped model, §3.3); then the observed routing is
+# compared with it element by element.
+
+#: Below this largest per-layer TV the routing is treated as content-independent.
+TV_MIN = 1e-4
+
+
+def per_example_tv(traces: TraceSet) -> np.ndarray:
+    """½ Σ_k |α_ik − ᾱ_k| for every example and layer: shape [N, L] (float64)."""
+    alpha = np.where(traces.source_mask[None], traces.routing.astype(np.float64), 0.0)
+    mean = alpha.mean(axis=0, keepdims=True)
+    return 0.5 * np.abs(alpha - mean).sum(axis=2)
+
+
+def layer_tv(traces: TraceSet) -> np.ndarray:
+    """TV_l per layer: shape [L]."""
+    return per_example_tv(traces).mean(axis=0)
+
+
+def content_independent(traces: TraceSet, tv_min: float = TV_MIN) -> tuple[bool, float]:
+    """(True when no layer's routing varies by ``tv_min`` or more, the largest TV_l)."""
+    largest = float(layer_tv(traces).max(initial=0.0))
+    return largest < tv_min, largest
+
+
+def schedule_deviation(traces: TraceSet) -> tuple[float, tuple[int, int, int]] | None:
+    """Largest |observed − declared schedule| over valid entries, and its (example, layer,
+    source) index; None when the traces declare no schedule."""
+    if traces.meta.schedule is None:
+        return None
+    schedule = np.asarray(traces.meta.schedule, dtype=np.float64)
+    if schedule.shape != traces.routing.shape[1:]:
+        raise ValueError(f"declared schedule has shape {schedule.shape}, routing is "
+                         f"[N, L, S] = {traces.routing.shape}")
+    diff = np.where(traces.source_mask[None],
+                    np.abs(traces.routing.astype(np.float64) - schedule[None]), 0.0)
+    flat = int(np.argmax(diff))
+    where = np.unravel_index(flat, diff.shape)
+    return float(diff.reshape(-1)[flat]), (int(where[0]), int(where[1]), int(where[2]))

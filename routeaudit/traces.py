@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from routeaudit._version import __version__
 from routeaudit.errors import TraceValidationError
 
 SCHEMA_VERSION = 1
@@ -219,8 +220,6 @@ class TraceSet:
             np.save(path, np.ascontiguousarray(array), allow_pickle=False)
             entries[name] = {"file": path.name, "shape": list(array.shape),
                              "dtype": str(array.dtype), "sha256": _sha256(path)}
-        from routeaudit import __version__
-
         manifest = {"schema_version": SCHEMA_VERSION, "routeaudit_version": __version__,
                     "meta": self.meta.model_dump(mode="json"), "arrays": entries}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))

@@ -106,8 +106,9 @@ class Report(BaseModel):
 
 
 def exit_code_for(verdicts: list[Verdict], *, inconclusive_fails: bool = True) -> ExitCode:
-    """0 when every claim survives; 1 when any claim fails, errors or (by default) is inconclusive."""
-    if not verdicts:
+    """0 when every claim survives; 1 when any claim fails, errors or (by default) is
+    inconclusive; 5 when nothing was audited (no verdicts, or only ``skip`` rows)."""
+    if all(v.status is Status.SKIP for v in verdicts):
         return ExitCode.NO_AUDITS
     failing = {Status.FAIL, Status.ERROR}
     if inconclusive_fails:

@@ -12,9 +12,9 @@ from scipy.special import logsumexp
 import routeaudit
 from routeaudit.audits.causal_ablation import depth_bands, per_example_nll, slices
 from routeaudit.cli import main
-from routeaudit.content import content_independent, layer_tv, schedule_deviation
 from routeaudit.fixtures.synthetic import make_traces
 from routeaudit.stats import cluster_bootstrap_mean, rng_for
+from routeaudit.summaries import content_independent, layer_tv, schedule_deviation
 
 
 def test_layer_tv_matches_loop_and_detects_frozen_routing():

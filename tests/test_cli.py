@@ -62,9 +62,17 @@ def test_frozen_reports_no_variation(npz, tmp_path):
     code, report = run_json([npz["frozen"]], tmp_path)
     assert code == 1
     assert report["verdicts"]
-    for verdict in report["verdicts"]:
+    claimed = [v for v in report["verdicts"] if v["status"] != "skip"]
+    assert claimed
+    for verdict in claimed:
         assert verdict["status"] == "fail"
         assert "no routing variation" in verdict["reason"]
+    # audits this target cannot run are listed as skipped, with why
+    skipped = {v["audit"]: v["reason"] for v in report["verdicts"] if v["status"] == "skip"}
+    assert set(skipped) == {"capacity_control", "shuffled_profile", "baseline_gain",
+                            "bandwidth_sensitivity", "causal_ablation"}
+    assert "calibrator" in skipped["capacity_control"]
+    assert "not a model" in skipped["causal_ablation"]
 
 
 def test_bad_traces_exit_4_naming_field_and_index(tmp_path, capsys):

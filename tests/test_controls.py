@@ -8,9 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from routeaudit import metrics
-from routeaudit.comparison import GainCheck, full_vector
-from routeaudit.controls import Variant, variant_input, within_bin_permutation
-from routeaudit.features import DERIVED_FEATURES, derived_feature, feature_matrix
+from routeaudit.calibration.controls import Variant, variant_input, within_bin_permutation
+from routeaudit.calibration.decision import GainCheck
+from routeaudit.calibration.features import DERIVED_FEATURES, derived_feature, feature_matrix
+from routeaudit.calibration.scores import full_vector
 from routeaudit.fixtures.synthetic import make_traces
 from routeaudit.stats import (
     bootstrap_worst_tile_ece,

@@ -19,12 +19,11 @@ import numpy as np
 import pytest
 import torch
 
-from routeaudit.adapter import traces_from_adapter
-from routeaudit.cache import CACHE_ENV, CacheWarning, TraceCache, compute_key
 from routeaudit.cli import main
 from routeaudit.errors import AdapterError, TraceValidationError
-from routeaudit.extract import ModelSession, Progress, extract_traces
-from routeaudit.intervention import RoutingIntervention
+from routeaudit.model.cache import CACHE_ENV, CacheWarning, TraceCache, compute_key
+from routeaudit.model.extract import ModelSession, Progress, extract_traces, traces_from_adapter
+from routeaudit.model.intervention import RoutingIntervention
 from routeaudit.traces import TraceSet
 
 TOY_SOURCE = textwrap.dedent('''
@@ -392,7 +391,7 @@ def test_cli_extract_round_trip(toy, tmp_path, capsys):
 
 
 def test_runner_load_target_passes_extraction_options(toy, tmp_path):
-    from routeaudit.runner import load_target
+    from routeaudit.session.targets import load_target
 
     adapter_file = str(tmp_path / "adapter" / "toy_adapter.py")
     options = types.SimpleNamespace(device="cpu", quiet=1, cache_dir=str(tmp_path / "rc"),

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from routeaudit import ForwardOutput, TraceSet
-from routeaudit.adapter import find_adapters
-from routeaudit.intervention import RoutingIntervention
-from routeaudit.plugins import import_user_file
+from routeaudit.model.adapter import find_adapters
+from routeaudit.model.intervention import RoutingIntervention
+from routeaudit.session.plugins import import_user_file
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 DIGITS = {

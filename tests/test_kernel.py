@@ -8,8 +8,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from routeaudit.calibrators import ARCondCal, NadarayaWatson, kernel_sums, oracle_bandwidth
-from routeaudit.calibrators import kernel as K
+from routeaudit import metrics
+from routeaudit.calibrators import ARCondCal, NadarayaWatson, kde, kernel_sums, oracle_bandwidth
+from routeaudit.calibrators import bandwidth as B
 
 
 def realistic(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -61,11 +62,11 @@ def dense_nw(Xf, yf, Q, h, h1=None):
 def test_scott_matches_scipy_gaussian_kde(d):
     rng = np.random.default_rng(d)
     X = rng.normal(size=(300, d)) * np.arange(1, d + 1)
-    kde = stats.gaussian_kde(X.T)
-    assert K.scott_factor(300, d) == pytest.approx(kde.factor, rel=1e-14)
+    gkde = stats.gaussian_kde(X.T)
+    assert B.scott_factor(300, d) == pytest.approx(gkde.factor, rel=1e-14)
     # gaussian_kde's kernel covariance is the data covariance × factor²: its diagonal's root
     # is the per-coordinate Scott bandwidth.
-    np.testing.assert_allclose(K.scott_scale(X), np.sqrt(np.diag(kde.covariance)), rtol=1e-12)
+    np.testing.assert_allclose(B.scott_scale(X), np.sqrt(np.diag(gkde.covariance)), rtol=1e-12)
 
 
 def test_fitted_bandwidth_is_kappa_times_scott():
@@ -168,11 +169,11 @@ def test_binned_spacing_is_at_most_a_quarter_bandwidth():
 def test_cubic_binning_and_prolongation_are_exact_for_cubics():
     rng = np.random.default_rng(0)
     f = rng.random(50)
-    w = K._cubic_weights(f)
+    w = kde._cubic_weights(f)
     for power in range(4):
         nodes = np.array([-1.0, 0.0, 1.0, 2.0])
         np.testing.assert_allclose((w * nodes**power).sum(1), f**power, atol=1e-13)
-    P = K._prolongation(10)
+    P = kde._prolongation(10)
     coarse = np.arange(11.0)
     fine = np.arange(21.0) / 2
     for power in range(4):
@@ -182,13 +183,13 @@ def test_cubic_binning_and_prolongation_are_exact_for_cubics():
 def test_pyramid_levels_match_direct_binning():
     """A coarse level from restriction ≈ binning directly at that spacing (4th order)."""
     X, y = realistic(3000, seed=2)
-    h = K.scott_scale(X)
-    geom = K._Geometry.build(X.min(0), X.max(0), 0.5 * h, 4 * h)
+    h = B.scott_scale(X)
+    geom = kde._Geometry.build(X.min(0), X.max(0), 0.5 * h, 4 * h)
     assert tuple(geom.levels) == (3, 3)
-    pyr = K._Pyramid(geom, X, y, [np.arange(3000)], 4 * h)
+    pyr = kde._Pyramid(geom, X, y, [np.arange(3000)], 4 * h)
     key = geom.level_for(3.5 * h)
     num, den = pyr.smooth(key, 3.5 * h, exclude=None)
-    (nq, dq), inside = K._interp(geom, key, (num, den), X[:500])
+    (nq, dq), inside = kde._interp(geom, key, (num, den), X[:500])
     ne, de = kernel_sums(X, y, X[:500], 3.5 * h)
     assert inside.all()
     assert np.max(np.abs(nq / dq - ne / de)) < 2e-4
@@ -236,14 +237,14 @@ def test_cv_nll_matches_slow_loop_and_picks_same_kappa():
             est.cv_scores_, slow, rtol=0, atol=5e-5 if method == "binned" else 1e-12
         )
         assert est.kappa_ == grid[best]
-        np.testing.assert_allclose(est.bandwidth_, grid[best] * K.scott_scale(X), rtol=1e-12)
+        np.testing.assert_allclose(est.bandwidth_, grid[best] * B.scott_scale(X), rtol=1e-12)
 
 
 def test_cv_many_bandwidths_binned_vs_exact():
     X, y = realistic(6000, seed=11)
     grid = np.geomspace(0.25, 4, 10)
-    fast = K.cv_nll_scores(X, y, grid)
-    exact = K.cv_nll_scores(X, y, grid, method="exact")
+    fast = B.cv_nll_scores(X, y, grid)
+    exact = B.cv_nll_scores(X, y, grid, method="exact")
     np.testing.assert_allclose(fast, exact, rtol=0, atol=2e-5)
 
 
@@ -278,12 +279,48 @@ def test_ece_oracle_minimises_ece_on_eval_data():
     assert not NadarayaWatson().requires_oracle
 
 
-def test_private_ece15_edges_go_to_lower_bin():
-    c = np.array([1 / 15, 2 / 15, 1.0, 0.5])
-    yy = np.array([1.0, 0.0, 1.0, 1.0])
-    # 1/15 sits in bin 1 alone: |1 − 1/15|; 2/15 alone in bin 2: 2/15; 1.0 exact; 0.5: 0.5
-    expect = (abs(1 - 1 / 15) + 2 / 15 + 0 + 0.5) / 4
-    assert K._ece15(c, yy) == pytest.approx(expect, abs=1e-15)
+def drop_zero_ece15(conf, correct):
+    """The oracle's former private ECE15, which left out predictions of exactly 0."""
+    keep = conf > 0
+    conf, correct = conf[keep], correct[keep]
+    idx = np.searchsorted(np.linspace(0.0, 1.0, 16)[1:-1], conf, side="left")
+    gap = np.abs(np.bincount(idx, correct, 15) - np.bincount(idx, conf, 15))
+    return float(gap.sum() / max(conf.size, 1))
+
+
+def separated_clusters():
+    """Fit data in two tied clusters (c = 0.2, all wrong; c = 0.9, all right) far apart in
+    units of the small bandwidths, so NW predicts exactly 0.0 and 1.0 at the clusters."""
+    X = np.r_[np.full(100, 0.2), np.full(100, 0.9)][:, None]
+    y = np.r_[np.zeros(100), np.ones(100)]
+    Xe = np.r_[np.full(60, 0.2), np.full(60, 0.9), np.linspace(0.3, 0.8, 30)][:, None]
+    ye = np.r_[np.ones(20), np.zeros(40), np.ones(50), np.zeros(10), np.tile([0.0, 1.0], 15)]
+    return X, y, Xe, ye
+
+
+@pytest.mark.parametrize("method", ["exact", "binned"])
+def test_oracle_scores_are_the_reported_ece_even_with_exact_zeros(method):
+    X, y, Xe, ye = separated_clusters()
+    grid = (0.05, 0.1, 1.0, 4.0)
+    preds = [NadarayaWatson(bandwidth=k, method=method).fit(X, y).predict(Xe) for k in grid]
+    # the data are what the test is about: exact 0.0 and 1.0 predictions at the small κ
+    for p in preds[:2]:
+        assert (p == 0.0).sum() == 60 and (p == 1.0).sum() == 60
+    reported = [metrics.ece(p, ye, 15) for p in preds]
+    # one κ at a time the oracle evaluates exactly what the fitted NW predicts
+    single = [B.oracle_scores(X, y, Xe, ye, [k], method=method)[0] for k in grid]
+    np.testing.assert_allclose(single, reported, rtol=0, atol=1e-15)
+    # the old drop-zero formula gives a different number where predictions are exactly 0
+    old = [drop_zero_ece15(p, ye) for p in preds]
+    assert min(abs(o - r) for o, r in zip(old[:2], reported[:2], strict=True)) > 0.05
+    # the whole grid at once: identical for exact; binned shares one grid pyramid across κ,
+    # so predictions (and ECEs) may move by the binning error where they are not 0 or 1
+    scores = B.oracle_scores(X, y, Xe, ye, grid, method=method)
+    np.testing.assert_allclose(scores, reported, rtol=0, atol=1e-15 if method == "exact" else 1e-4)
+    np.testing.assert_array_equal(scores[:2], reported[:2])
+    est = NadarayaWatson(bandwidth="ece_oracle", grid=grid, method=method).fit(X, y, oracle=(Xe, ye))
+    np.testing.assert_array_equal(est.oracle_scores_, scores)
+    assert est.kappa_ == grid[int(np.argmin(reported))]
 
 
 # --------------------------------------------------------------------------- API details
@@ -346,22 +383,22 @@ def test_property_prediction_within_y_range(n, seed, kappa, method, y_kind):
 def test_cv_1d_binned_vs_exact():
     X, y = realistic(4000, seed=12)
     grid = np.geomspace(0.25, 4, 6)
-    fast = K.cv_nll_scores(X[:, :1], y, grid)
-    exact = K.cv_nll_scores(X[:, :1], y, grid, method="exact")
+    fast = B.cv_nll_scores(X[:, :1], y, grid)
+    exact = B.cv_nll_scores(X[:, :1], y, grid, method="exact")
     np.testing.assert_allclose(fast, exact, rtol=0, atol=2e-5)
 
 
 def test_cv_bins_each_fold_once(monkeypatch):
     calls = []
-    real_bin = K._bin
+    real_bin = kde._bin
 
     def counting_bin(geom, X, weights):
         calls.append(len(X))
         return real_bin(geom, X, weights)
 
-    monkeypatch.setattr(K, "_bin", counting_bin)
+    monkeypatch.setattr(kde, "_bin", counting_bin)  # looked up by kde._Pyramid
     X, y = realistic(3000, seed=13)
-    K.cv_nll_scores(X, y, np.geomspace(0.25, 4, 10), n_folds=5)
+    B.cv_nll_scores(X, y, np.geomspace(0.25, 4, 10), n_folds=5)
     assert sorted(calls) == sorted(len(f) for f in np.array_split(np.arange(3000), 5))
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from routeaudit.calibrators import MLPCalibrator, clone, fit_many
-from routeaudit.calibrators.mlp import _MaskedAdam
+from routeaudit.calibrators.mlp_training import _MaskedAdam
 
 SMALL = dict(hidden_layer_sizes=(32, 32), max_epochs=25, restarts=2, batch_size=64)
 
@@ -157,17 +157,17 @@ def test_fit_many_rejects_bad_input():
 
 
 def test_hand_written_gradient_matches_autograd():
-    from routeaudit.calibrators import mlp
+    from routeaudit.calibrators import mlp_training as tr
 
-    layers = mlp._layer_sizes(5, (7, 6))
+    layers = tr._layer_sizes(5, (7, 6))
     gen = torch.Generator().manual_seed(0)
-    flat = torch.randn(3, mlp._n_parameters(5, (7, 6)), dtype=torch.float64, generator=gen)
+    flat = torch.randn(3, tr._n_parameters(5, (7, 6)), dtype=torch.float64, generator=gen)
     x = torch.randn(3, 11, 5, dtype=torch.float64, generator=gen)
     y = (torch.rand(3, 11, generator=gen) < 0.5).double()
     mask = torch.ones(3, 11, dtype=torch.float64)
     mask[1, 7:] = 0.0
-    grad = mlp._gradient(flat, x, y, mask / mask.sum(1, keepdim=True), layers)
+    grad = tr._gradient(flat, x, y, mask / mask.sum(1, keepdim=True), layers)
     leaf = flat.clone().requires_grad_(True)
-    loss = mlp._masked_bce(mlp._forward(leaf, x, layers), y, mask).sum()
+    loss = tr._masked_bce(tr._forward(leaf, x, layers), y, mask).sum()
     (ref,) = torch.autograd.grad(loss, leaf)
     torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-14)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from routeaudit import TraceSet
-from routeaudit.intervention import RoutingIntervention, apply_to_weights
+from routeaudit.model.intervention import RoutingIntervention, apply_to_weights
 from routeaudit.nn import (
     BlockAttnRes,
     DepthRouter,
@@ -67,7 +67,7 @@ def inputs(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
 
 
-# --------------------------------------------------------------------- gold vectors (methods.md §1.6)
+# --------------------------------------------------------------------- gold vectors (docs/methods.md §1.6)
 def test_two_source_gold_vector():
     router = DepthRouter(4).double()
     set_queries(_wrap(router), W_GOLD)

@@ -12,16 +12,18 @@ from hypothesis import strategies as st
 from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 
-from routeaudit import stats as ra
 from routeaudit.stats import (
     GapResult,
     PermutationResult,
+    _backend,
     benjamini_hochberg,
     bootstrap_ci,
     bootstrap_gap,
     confidence_bins,
     gap_statistics,
+    gaps,
     holm,
+    permutation,
     quantile_strata,
     rng_for,
     seed_summary,
@@ -65,7 +67,7 @@ def make_exact_null(n, n_bins, seed):
 
 
 def slow_gaps(bins, strata, res, n_bins, n_strata, min_count):
-    """methods.md §2.4 written as the obvious loops."""
+    """docs/methods.md §2.4 written as the obvious loops."""
     deltas, weights = [], []
     bin_gaps = np.full(n_bins, np.nan)
     for b in range(n_bins):
@@ -299,14 +301,14 @@ def test_batched_kernel_matches_gap_statistics():
     bins = gen.integers(0, n_bins, n)
     res = gen.random(n) - 0.5
     labels = gen.integers(0, 3, (20, n))
-    wg, mg = ra._batched_weighted_gap(bins, labels, res, n_bins=n_bins, n_strata=3, min_count=4)
+    wg, mg = gaps.batched_weighted_gap(bins, labels, res, n_bins=n_bins, n_strata=3, min_count=4)
     for k in range(20):
         g = gap_statistics(bins, labels[k], res, n_bins=n_bins, n_strata=3, min_count=4)
         assert wg[k].item() == pytest.approx(g.weighted_gap, rel=1e-12)
         assert mg[k].item() == pytest.approx(g.max_gap, rel=1e-12)
     # integer example weights are the same as repeating examples
     w = gen.integers(0, 3, (5, n))
-    wg, _ = ra._batched_weighted_gap(
+    wg, _ = gaps.batched_weighted_gap(
         bins, labels[0], res, n_bins=n_bins, n_strata=3, min_count=4, weights=w
     )
     for k in range(5):
@@ -316,6 +318,23 @@ def test_batched_kernel_matches_gap_statistics():
         )
         assert wg[k].item() == pytest.approx(g.weighted_gap, rel=1e-12)
 
+
+
+def test_bootstrap_numpy_kernel_equals_torch_kernel(monkeypatch):
+    """The CPU bootstrap runs numpy (no torch import); its int64 cell sums must be the torch
+    kernel's, so verdicts do not depend on the device."""
+    bins, strata, res = make_cells(700, 6, seed=21)
+    kw = dict(n_bins=6, n_strata=3, n_boot=150, min_count=5)
+    lo, hi, on_numpy = bootstrap_gap(bins, strata, res, **kw, rng=5)
+    monkeypatch.setattr(_backend, "_TORCH_ON_CPU", True)
+    lo_t, hi_t, on_torch = bootstrap_gap(bins, strata, res, **kw, rng=5, chunk_size=37)
+    assert np.array_equal(on_numpy, on_torch, equal_nan=True)
+    assert (lo, hi) == (lo_t, hi_t)
+    labels = np.random.default_rng(3).integers(0, 3, (9, bins.size))  # row-varying strata
+    got = gaps.batched_weighted_gap(bins, labels, res, n_bins=6, n_strata=3)
+    monkeypatch.setattr(_backend, "_TORCH_ON_CPU", False)
+    want = gaps.batched_weighted_gap(bins, labels, res, n_bins=6, n_strata=3)
+    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, want, strict=True))
 
 # --------------------------------------------------------------------------- permutation null
 
@@ -426,7 +445,7 @@ def test_torch_kernel_equals_numpy_kernel(monkeypatch):
     bins, strata, res = make_cells(500, 7, seed=9, strategy="equal_width")
     kw = dict(n_bins=7, n_strata=3, n_permutations=200, rng=3)
     base = within_bin_permutation_test(bins, strata, res, **kw)
-    monkeypatch.setattr(ra, "_TORCH_ON_CPU", True)
+    monkeypatch.setattr(_backend, "_TORCH_ON_CPU", True)
     on_torch = within_bin_permutation_test(bins, strata, res, **kw, chunk_size=33)
     assert np.array_equal(on_torch.null, base.null) and on_torch.p_value == base.p_value
 
@@ -434,14 +453,14 @@ def test_torch_kernel_equals_numpy_kernel(monkeypatch):
 def test_key_ties_are_resolved_exactly(monkeypatch):
     """6-bit keys tie at almost every stratum boundary; the exact fix-up keeps the null."""
     calls = []
-    real = ra._resolve_ties
+    real = permutation._resolve_ties
 
     def counting(le, ties, *args):
         calls.append(int(ties.any(axis=2).sum()))
         return real(le, ties, *args)
 
-    monkeypatch.setattr(ra, "_KEY_BITS", 6)
-    monkeypatch.setattr(ra, "_resolve_ties", counting)
+    monkeypatch.setattr(permutation, "_KEY_BITS", 6)
+    monkeypatch.setattr(permutation, "_resolve_ties", counting)
     bins, strata, res = make_cells(240, 4, seed=12)
     kw = dict(n_bins=4, n_strata=3, min_count=5)
     ours = within_bin_permutation_test(bins, strata, res, **kw, n_permutations=1500, rng=1)

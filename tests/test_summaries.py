@@ -21,7 +21,7 @@ def ragged_traces(n=30, layers=4, seed=0, k=5):
 
 
 def slow_summaries(ts: TraceSet):
-    """Per example, per layer, with Python loops: the definitions of methods.md §2.1."""
+    """Per example, per layer, with Python loops: the definitions of docs/methods.md §2.1."""
     out = {"r_agg": [], "r_agg_normalized": [], "depth_variance": [], "depth_variance_across": []}
     for i in range(ts.n_examples):
         hs, hns, variances, means = [], [], [], []

@@ -4,14 +4,19 @@
   :class:`CalibratorSpec`, :class:`NotFittedError`, :func:`check_calibrator`;
 * confidence-only: :class:`RawCalibrator`, :class:`TemperatureScaling` (top-label, on
   logits), :class:`LogisticCalibrator`, :class:`HistogramBinning`, :class:`IsotonicCalibrator`;
-* routing-aware: :class:`NadarayaWatson` / :class:`ARCondCal` (methods.md §2.6) and
-  :class:`MLPCalibrator` with the batched trainer :func:`fit_many` (§2.7).
+* routing-aware: :class:`NadarayaWatson` / :class:`ARCondCal` (docs/methods.md §2.6;
+  estimators in ``kernel``, the evaluation engine in ``kde``, bandwidth selection in
+  ``bandwidth``) and :class:`MLPCalibrator` with the batched trainer :func:`fit_many`
+  (§2.7; the estimator in ``mlp``, the torch trainer in ``mlp_training``).
 
 ``REFERENCE_CALIBRATORS`` maps names to the registered specs of the reference factories.
+Importing this package loads neither torch nor the heavy scipy submodules: they are imported
+where a kernel is evaluated, a temperature is fitted or an MLP is trained.
 """
 
 from __future__ import annotations
 
+from routeaudit.calibrators.bandwidth import scott_factor
 from routeaudit.calibrators.base import (
     BaseCalibrator,
     CalibratorSpec,
@@ -23,16 +28,15 @@ from routeaudit.calibrators.base import (
     spec_of,
 )
 from routeaudit.calibrators.checks import calibrator_checks, check_calibrator
+from routeaudit.calibrators.kde import kernel_sums
 from routeaudit.calibrators.kernel import (
     ARCondCal,
     NadarayaWatson,
     ar_condcal,
-    kernel_sums,
     nw_confidence,
     nw_predictive_entropy,
     nw_r_agg,
     oracle_bandwidth,
-    scott_factor,
 )
 from routeaudit.calibrators.mlp import MLPCalibrator, fit_many, mlp_profile
 from routeaudit.calibrators.simple import (

@@ -155,6 +155,17 @@ class BaseCalibrator:
             getattr(self, head).set_params(**sub_params)
         return self
 
+    @classmethod
+    def fit_batch(cls, calibrators: Sequence[Any], Xs: Sequence[Any], ys: Sequence[Any]
+                  ) -> list[Any]:
+        """Fit each calibrator on its own ``(X, y)`` and return the fitted calibrators.
+
+        A class method so that a class able to train many instances at once can: the
+        calibrator study hands every instance of a class to one call (the batched MLP
+        overrides it). The default fits them one by one, in order.
+        """
+        return [cal.fit(X, y) for cal, X, y in zip(calibrators, Xs, ys, strict=True)]
+
     def with_setting(self, name: str, value: Any) -> BaseCalibrator:
         """A fresh, unfitted copy with one parameter changed (for sensitivity audits)."""
         return clone(self).set_params(**{name: value})

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from routeaudit import metrics
 from routeaudit.calibrators.base import NotFittedError, clone, params_equal, spec_of
 
 N_LOGITS = 5
@@ -36,11 +37,8 @@ def synthetic_data(features: Sequence[str], n: int = 500, seed: int = 0):
     """(X, y) with one block of columns per declared feature (see the module docstring)."""
     rng = np.random.default_rng(seed)
     logits = rng.normal(0.0, 2.0, size=(n, N_LOGITS))
-    if "logits" in features:
-        z = logits - logits.max(axis=1, keepdims=True)
-        conf = 1.0 / np.exp(z).sum(axis=1)
-    else:
-        conf = rng.uniform(0.1, 1.0, size=n)
+    # c = the top softmax probability of the logits, else an independent U(0.1, 1) draw
+    conf = metrics.softmax(logits).max(axis=1) if "logits" in features else rng.uniform(0.1, 1.0, size=n)
     y = (rng.random(n) < conf).astype(np.float64)
     cols = []
     for f in features:

@@ -3,14 +3,16 @@
 Every one is top-label: it predicts P(the model's top-label prediction is correct). All but
 :class:`TemperatureScaling` read the confidence from the first column of X and ignore the
 rest; :class:`TemperatureScaling` reads the K logit columns.
+
+scipy (``optimize``, ``special``) is imported inside the methods that use it, so importing
+this module (and the calibrator registry) stays cheap.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import expit, logsumexp
 
+from routeaudit import metrics
 from routeaudit.calibrators.base import BaseCalibrator, calibrator
 
 
@@ -50,6 +52,8 @@ def top_label_nll(logits: np.ndarray, y: np.ndarray, temperature: float) -> floa
 
 
 def _top_label_nll(shifted, others, y, temperature) -> float:
+    from scipy.special import logsumexp
+
     inv = 1.0 / temperature
     lse_all = logsumexp(shifted * inv, axis=1)
     log_c = -lse_all
@@ -77,6 +81,8 @@ class TemperatureScaling(BaseCalibrator):
         self.xatol = xatol
 
     def fit(self, X, y) -> TemperatureScaling:
+        from scipy.optimize import minimize_scalar
+
         Xa, ya = self._validate_fit(X, y)
         if Xa.shape[1] < 2:
             raise ValueError("TemperatureScaling needs X = logits with K >= 2 columns")
@@ -105,9 +111,8 @@ class TemperatureScaling(BaseCalibrator):
 
     def predict(self, X) -> np.ndarray:
         Xa = self._validate_predict(X)
-        z = Xa / self.temperature_
-        z -= z.max(axis=1, keepdims=True)
-        return np.clip(1.0 / np.exp(z).sum(axis=1), 0.0, 1.0)
+        # the top entry of the max-shifted softmax is exp(0) / Σ = 1 / Σ
+        return np.clip(metrics.softmax(Xa / self.temperature_).max(axis=1), 0.0, 1.0)
 
 
 # --------------------------------------------------------------------------- logistic
@@ -135,6 +140,8 @@ class LogisticCalibrator(BaseCalibrator):
         raise ValueError(f"input must be 'confidence' or 'logit', not {self.input!r}")
 
     def fit(self, X, y) -> LogisticCalibrator:
+        from scipy.special import expit
+
         Xa, ya = self._validate_fit(X, y)
         x = self._transform(Xa[:, 0])
         ybar = float(ya.mean())
@@ -178,6 +185,8 @@ class LogisticCalibrator(BaseCalibrator):
         return self
 
     def predict(self, X) -> np.ndarray:
+        from scipy.special import expit
+
         Xa = self._validate_predict(X)
         return expit(self.coef_ * self._transform(Xa[:, 0]) + self.intercept_)
 
@@ -317,7 +326,7 @@ def temperature() -> TemperatureScaling:
 
 @calibrator(["confidence"], name="logistic")
 def logistic() -> LogisticCalibrator:
-    """The linear confidence baseline σ(a·c + b) of methods.md §2.7."""
+    """The linear confidence baseline σ(a·c + b) of docs/methods.md §2.7."""
     return LogisticCalibrator()
 
 

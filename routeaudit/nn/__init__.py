@@ -4,7 +4,7 @@ Stacks map embeddings ``x [B, T, d]`` to ``StackOutput(hidden, routing)``; ``rou
 :class:`SiteRouting` per site (sublayer type, transformer layer, source columns and
 families, logits and weights). ``stack.pack(out.routing, pool_tokens=...)`` gives the trace
 layout; ``stack(x, intervention=iv)`` or ``with stack.intervene(iv):`` applies a
-:class:`routeaudit.intervention.RoutingIntervention`.
+:class:`routeaudit.model.intervention.RoutingIntervention`.
 """
 
 from __future__ import annotations

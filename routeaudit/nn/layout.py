@@ -6,7 +6,7 @@ embedding). Fixing the columns per model is what lets an audit address a source 
 one list of indices, and what makes ``source_mask`` the ragged validity pattern of the
 architecture rather than of one forward pass.
 
-Conventions (methods.md §1.2, §1.3, §1.7, §3.2):
+Conventions (docs/methods.md §1.2, §1.3, §1.7, §3.2):
 
 * ``attnres-full``: site ``l`` (0-based sublayer) sees ``v_0..v_l``; column ``i`` is ``v_i``
   (``v_0`` the embedding, ``v_i`` the output of sublayer ``i - 1``); the final site sees all.
@@ -113,7 +113,7 @@ def block_boundaries(n_sublayers: int, num_blocks: int) -> list[int]:
     """0-based sublayer indices after which a block representation is complete.
 
     The last sublayer always closes a block: when L is not divisible by the block size its
-    partial sum becomes the last block (methods.md §1.3).
+    partial sum becomes the last block (docs/methods.md §1.3).
     """
     size = block_size_for(n_sublayers, num_blocks)
     ends = list(range(size - 1, n_sublayers, size))
@@ -169,7 +169,7 @@ def wrapped_layout(n_layers: int, num_blocks: int) -> RoutingLayout:
 
 
 def wrapped_schedule(layout: RoutingLayout, biases: np.ndarray | list[float]) -> np.ndarray:
-    """Analytic routing of a wrapped model with zero pseudo-queries (methods.md §3.3).
+    """Analytic routing of a wrapped model with zero pseudo-queries (docs/methods.md §3.3).
 
     All content logits are 0, so only the recency bias ``b`` on the current state is left:
     ``α_current = e^b / (e^b + n)`` and every other valid source gets ``1 / (e^b + n)``, where

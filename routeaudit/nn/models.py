@@ -5,9 +5,9 @@ routing of every site, so a fixture only adds an embedding and a head. The three
 stacks share parameter names with :class:`PreNormResidual` for their sublayers and final
 norm (``sublayers.*``, ``final_norm.*``), so a vanilla checkpoint loads into
 :class:`WrappedAttnRes` unchanged: that is the "routing-equivalent loading path" of
-methods.md §3.2.
+docs/methods.md §3.2.
 
-Interventions (:class:`routeaudit.intervention.RoutingIntervention`) are passed per call,
+Interventions (:class:`routeaudit.model.intervention.RoutingIntervention`) are passed per call,
 ``stack(x, intervention=iv)``, or for a block of code, ``with stack.intervene(iv): ...``.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from routeaudit.intervention import RoutingIntervention
+from routeaudit.model.intervention import RoutingIntervention
 from routeaudit.nn.layout import (
     RoutingLayout,
     block_boundaries,
@@ -51,7 +51,7 @@ def _sublayers_or_default(sublayers: Sequence[nn.Module] | None, dim: int, n_lay
 
 
 class PreNormResidual(nn.Module):
-    """The vanilla twin: ``h_{l+1} = h_l + f_l(h_l)``, no routing (methods.md §1.1)."""
+    """The vanilla twin: ``h_{l+1} = h_l + f_l(h_l)``, no routing (docs/methods.md §1.1)."""
 
     layout: RoutingLayout | None = None
 
@@ -157,7 +157,7 @@ class FullAttnRes(RoutedStack):
 
 
 class BlockAttnRes(RoutedStack):
-    """Kimi Block AttnRes (methods.md §1.3).
+    """Kimi Block AttnRes (docs/methods.md §1.3).
 
     Sources: ``b_0`` (the embedding, never summed into a block), the completed blocks
     ``b_n`` (sums of sublayer OUTPUTS), and the current-block partial sum, which the first
@@ -191,7 +191,7 @@ class BlockAttnRes(RoutedStack):
 
 
 class WrappedAttnRes(RoutedStack):
-    """The wrapped convention (methods.md §1.7, §3.2): the residual stream is kept.
+    """The wrapped convention (docs/methods.md §1.7, §3.2): the residual stream is kept.
 
     Each sublayer's INPUT is a mixture of the embedding, residual-stream snapshots taken at
     the end of every ``ceil(n_layers / num_blocks)`` layers, and the current stream, whose

@@ -2,7 +2,7 @@
 
 Each site's weights go into the columns its layout fixes, zeros elsewhere, so a row sums
 to 1 over that site's valid sources. Pooling over tokens (the per-image default of
-methods.md §1.4) is a plain mean of distributions and therefore still a distribution.
+docs/methods.md §1.4) is a plain mean of distributions and therefore still a distribution.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 ``φ(w, k) = exp(wᵀ RMSNorm(k))`` with ``RMSNorm(x) = x / sqrt(mean(x²) + ε)`` (no gain, no
 1/√d, no temperature), a joint softmax over the sources of each (batch, token) position, and
-the RAW sources as values (methods.md §1.2). Interventions act on the logits (−∞ before the
+the RAW sources as values (docs/methods.md §1.2). Interventions act on the logits (−∞ before the
 softmax) or replace the weights, so every model in this package shares one semantics that
-matches :func:`routeaudit.intervention.apply_to_weights`.
+matches :func:`routeaudit.model.intervention.apply_to_weights`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from routeaudit.intervention import RoutingIntervention
+from routeaudit.model.intervention import RoutingIntervention
 from routeaudit.nn.layout import RoutingLayout
 
 

@@ -1,4 +1,4 @@
-"""Transformer sublayers ``f_l``, each with its own pre-norm (methods.md §1.1).
+"""Transformer sublayers ``f_l``, each with its own pre-norm (docs/methods.md §1.1).
 
 Because every ``f_l`` starts with an RMSNorm, it is (up to ε) invariant to the scale of its
 input. That is why zeroing routing weights without renormalising changes little in these

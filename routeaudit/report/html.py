@@ -39,6 +39,12 @@ td,th{{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}
 
 
 @hookimpl
+def routeaudit_addoption(parser: Any) -> None:
+    parser.getgroup("reporting").add_argument(
+        "--html", metavar="PATH", help="write a self-contained HTML report to PATH")
+
+
+@hookimpl
 def routeaudit_report(config: Any, report: Report) -> None:
     path = getattr(config.options, "html", None)
     if path:

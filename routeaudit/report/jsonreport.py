@@ -10,6 +10,12 @@ from routeaudit.verdict import Report
 
 
 @hookimpl
+def routeaudit_addoption(parser: Any) -> None:
+    parser.getgroup("reporting").add_argument(
+        "--json", metavar="PATH", help="write the JSON report to PATH")
+
+
+@hookimpl
 def routeaudit_report(config: Any, report: Report) -> None:
     path = getattr(config.options, "json", None)
     if path:

@@ -44,6 +44,12 @@ def to_xml(report: Report, *, inconclusive_fails: bool = True) -> ET.Element:
 
 
 @hookimpl
+def routeaudit_addoption(parser: Any) -> None:
+    parser.getgroup("reporting").add_argument(
+        "--junitxml", metavar="PATH", help="write JUnit XML to PATH, one testcase per verdict")
+
+
+@hookimpl
 def routeaudit_report(config: Any, report: Report) -> None:
     path = getattr(config.options, "junitxml", None)
     if path:

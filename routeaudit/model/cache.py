@@ -1,6 +1,6 @@
 """Content-addressed trace cache: extraction runs once per (adapter code, weights, split).
 
-Stage A is the expensive, model-bound part (DESIGN.md §5). Its output is a pure function of
+Stage A is the expensive, model-bound part (docs/architecture.md). Its output is a pure function of
 the adapter's source, its checkpoint bytes, the split and the extraction settings, so those
 bytes are the key: editing the adapter or retraining the model misses the cache, re-running
 an audit hits it. Entries are ordinary trace directories (``TraceSet.save``), so a cached

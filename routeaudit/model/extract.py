@@ -1,6 +1,6 @@
 """Stage A: run a model adapter over its batches and collect a TraceSet.
 
-Why it is shaped this way (DESIGN.md §5):
+Why it is shaped this way (docs/architecture.md):
 
 * Everything runs under ``torch.inference_mode`` (no autograd bookkeeping), on CUDA when
   present, optionally under bf16 autocast.
@@ -8,7 +8,7 @@ Why it is shaped this way (DESIGN.md §5):
   buffers with ``non_blocking=True`` and collected one batch later, so the copy of batch i
   overlaps the launch of batch i+1 and the device never holds more than one batch of traces.
 * The result is validated as a TraceSet and, by default, stored in the content-addressed
-  cache (:mod:`routeaudit.cache`), so re-running an audit never re-runs the model.
+  cache (:mod:`routeaudit.model.cache`), so re-running an audit never re-runs the model.
 * :class:`ModelSession` keeps the loaded model for the extra passes that causal audits ask
   for (``session.forward(intervention)``), in the same example order as the traces.
 """
@@ -25,9 +25,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from routeaudit.adapter import Adapter, ForwardOutput
-from routeaudit.cache import CacheKey, CacheWarning, TraceCache, compute_key
 from routeaudit.errors import AdapterError, RouteAuditError, TraceValidationError, UsageError
+from routeaudit.model.adapter import Adapter, ForwardOutput, TraceAdapter, supports_intervention
+from routeaudit.model.cache import CacheKey, CacheWarning, TraceCache, compute_key
 from routeaudit.traces import TraceMeta, TraceSet
 
 AUTOCAST_MODES = ("none", "bf16")
@@ -311,12 +311,6 @@ def renormalize_rows(routing: np.ndarray, source_mask: Any) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- session
-def _supports_intervention(adapter: Any) -> bool:
-    if isinstance(adapter, Adapter):
-        return type(adapter).supports_intervention()
-    return callable(getattr(adapter, "intervene", None))
-
-
 class ModelSession:
     """An adapter, its lazily loaded model and device, for extraction and causal passes.
 
@@ -422,7 +416,7 @@ class ModelSession:
         if intervention is None:
             arrays = self.traces().arrays()
             return {name: value for name, value in arrays.items() if name != "source_mask"}
-        if not _supports_intervention(self.adapter):
+        if not supports_intervention(self.adapter):
             raise AdapterError(f"{type(self.adapter).__name__} does not implement "
                                "intervene(model, intervention); causal audits need it")
         arrays, _ = self._run_pass(intervention)
@@ -555,3 +549,44 @@ def extract_traces(adapter: Any, *, device: Any = None, progress: bool | str = "
     with ModelSession(adapter, device=device, autocast=autocast, cache=cache,
                       cache_dir=cache_dir, progress=progress, stream=stream) as session:
         return session.traces()
+
+
+def traces_from_adapter(obj: Any, *, device: str | None = None, progress: bool | str = True,
+                        autocast: str | None = None, cache: bool = True,
+                        cache_dir: str | os.PathLike[str] | None = None) -> list[TraceSet]:
+    """Turn any registered adapter into a list of validated TraceSets.
+
+    Model adapters go through :func:`routeaudit.model.extract.extract_traces` (device, bf16
+    autocast, progress, and the content-addressed cache unless ``cache=False``).
+    """
+    if isinstance(obj, type) and issubclass(obj, Adapter):
+        obj = obj()
+    if isinstance(obj, Adapter):
+        return [extract_traces(obj, device=device, progress=progress, autocast=autocast,
+                               cache=cache, cache_dir=cache_dir)]
+    if hasattr(obj, "traces") and callable(obj.traces):
+        result = obj.traces()
+    elif callable(obj):
+        result = obj()
+    else:
+        raise AdapterError(f"{obj!r} is marked as an adapter but is neither callable "
+                           "nor an Adapter subclass")
+    return _as_tracesets(result)
+
+
+def _as_tracesets(result: Any) -> list[TraceSet]:
+    if isinstance(result, TraceSet):
+        return [result]
+    if isinstance(result, (str, os.PathLike)):
+        return [TraceSet.load(result)]
+    if isinstance(result, TraceAdapter):
+        return result.traces()
+    if isinstance(result, (list, tuple)) and result:
+        sets = [ts for item in result for ts in _as_tracesets(item)]
+        if len(sets) > 1:
+            for i, ts in enumerate(sets):
+                if ts.meta.replicate is None:
+                    ts.meta = TraceMeta(**{**ts.meta.model_dump(), "replicate": i})
+        return sets
+    raise AdapterError("an adapter must return a TraceSet, a list of TraceSets (replicates), "
+                       f"or a path to traces; got {type(result).__name__}")

@@ -18,8 +18,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar, NamedTuple
 
-from routeaudit.errors import AdapterError
-from routeaudit.traces import TraceMeta, TraceSet
+from routeaudit.traces import TraceSet
 
 ADAPTER_MARK = "__routeaudit_adapter__"
 
@@ -62,6 +61,7 @@ class Adapter:
 
     @classmethod
     def supports_intervention(cls) -> bool:
+        """True when the class overrides :meth:`intervene` (see :func:`supports_intervention`)."""
         return cls.intervene is not Adapter.intervene
 
 
@@ -101,44 +101,16 @@ def find_adapters(module: ModuleType) -> list[Any]:
     return found
 
 
-def traces_from_adapter(obj: Any, *, device: str | None = None, progress: bool | str = True,
-                        autocast: str | None = None, cache: bool = True,
-                        cache_dir: str | os.PathLike[str] | None = None) -> list[TraceSet]:
-    """Turn any registered adapter into a list of validated TraceSets.
+def supports_intervention(adapter: Any) -> bool:
+    """Whether causal audits can re-run this adapter's model with its routing changed.
 
-    Model adapters go through :func:`routeaudit.extract.extract_traces` (device, bf16
-    autocast, progress, and the content-addressed cache unless ``cache=False``).
+    The one check used everywhere: an :class:`Adapter` must override ``intervene`` (and may
+    veto it with ``supports_intervention()``); any other object needs a callable
+    ``intervene``.
     """
-    if isinstance(obj, type) and issubclass(obj, Adapter):
-        obj = obj()
-    if isinstance(obj, Adapter):
-        from routeaudit.extract import extract_traces
-
-        return [extract_traces(obj, device=device, progress=progress, autocast=autocast,
-                               cache=cache, cache_dir=cache_dir)]
-    if hasattr(obj, "traces") and callable(obj.traces):
-        result = obj.traces()
-    elif callable(obj):
-        result = obj()
-    else:
-        raise AdapterError(f"{obj!r} is marked as an adapter but is neither callable "
-                           "nor an Adapter subclass")
-    return _as_tracesets(result)
-
-
-def _as_tracesets(result: Any) -> list[TraceSet]:
-    if isinstance(result, TraceSet):
-        return [result]
-    if isinstance(result, (str, os.PathLike)):
-        return [TraceSet.load(result)]
-    if isinstance(result, TraceAdapter):
-        return result.traces()
-    if isinstance(result, (list, tuple)) and result:
-        sets = [ts for item in result for ts in _as_tracesets(item)]
-        if len(sets) > 1:
-            for i, ts in enumerate(sets):
-                if ts.meta.replicate is None:
-                    ts.meta = TraceMeta(**{**ts.meta.model_dump(), "replicate": i})
-        return sets
-    raise AdapterError("an adapter must return a TraceSet, a list of TraceSets (replicates), "
-                       f"or a path to traces; got {type(result).__name__}")
+    if adapter is None:
+        return False
+    cls = adapter if isinstance(adapter, type) else type(adapter)
+    if issubclass(cls, Adapter):
+        return bool(cls.supports_intervention())
+    return callable(getattr(adapter, "intervene", None))

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from routeaudit.features import DERIVED_FEATURES, FeatureMatrix, derived_feature
+from routeaudit.calibration.features import DERIVED_FEATURES, FeatureMatrix, derived_feature
 from routeaudit.stats import confidence_bins
 
 
@@ -50,18 +50,6 @@ CANDIDATE = Variant("candidate", "candidate")
 CAPACITY_KINDS = ("zeros", "derived")
 SHUFFLE_KINDS = ("shuffled_global", "shuffled_within_bin")
 PROBE_KINDS = ("confidence_only", "predictive_entropy")
-
-DESCRIPTIONS = {
-    "candidate": "the candidate on its declared features",
-    "zeros": "capacity twin, routing columns set to zero",
-    "derived": "capacity twin, routing columns replaced by confidence-derived ones",
-    "shuffled_global": "routing rows shuffled across examples",
-    "shuffled_within_bin": "routing rows shuffled within confidence bins",
-    "confidence_only": "matched probe without routing columns",
-    "predictive_entropy": "matched probe with predictive entropy instead of routing",
-    "raw": "no calibration (the model's confidence)",
-}
-
 
 def within_bin_permutation(conf: np.ndarray, rng: np.random.Generator, n_bins: int = 15
                            ) -> np.ndarray:

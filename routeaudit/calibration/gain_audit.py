@@ -2,7 +2,7 @@
 
 ``capacity_control``, ``shuffled_profile`` and ``baseline_gain`` differ only in which controls
 a cell compares against; the fitting, the paired bootstrap, the decision rule and the wording
-of the verdict live here (and in :mod:`routeaudit.comparison`), once.
+of the verdict live here (and in :mod:`routeaudit.calibration`), once.
 """
 
 from __future__ import annotations
@@ -11,22 +11,15 @@ from typing import Any
 
 import numpy as np
 
-from routeaudit.audit import AuditContext
-from routeaudit.comparison import (
-    HEADLINE,
-    Setting,
-    Study,
-    describe,
-    gain_checks,
-    resolve_spec,
-    routing_features,
-    study,
-)
-from routeaudit.controls import DESCRIPTIONS
+from routeaudit.audit import AuditContext, BaseAudit
+from routeaudit.calibration.decision import gain_checks
+from routeaudit.calibration.reasons import describe, label
+from routeaudit.calibration.scores import HEADLINE
+from routeaudit.calibration.study import Setting, Study, resolve_spec, routing_features, study
 from routeaudit.verdict import Status, Verdict
 
 
-class GainAudit:
+class GainAudit(BaseAudit):
     """Base class: subclasses set ``name``, ``claim``, ``kinds`` and ``per_feature``."""
 
     name = "gain"
@@ -66,9 +59,9 @@ class GainAudit:
         """Verdicts of the given cells with the calibrator at ``setting`` (None: as given)."""
         s = ctx.settings
         if any(cell["feature"] == "none" for cell in cells):
-            return [Verdict(audit=self.name, claim=self.claim, cell=cell, status=Status.SKIP,
-                            reason="the calibrator declares no routing feature, so there is "
-                                   "no routing-specific gain to audit") for cell in cells]
+            return [ctx.verdict(self, cell, Status.SKIP,
+                                "the calibrator declares no routing feature, so there is "
+                                "no routing-specific gain to audit") for cell in cells]
         st = study(ctx, setting)
         pairs = [(cell, control) for cell in cells for control in self.controls_of(cell)]
         checks = gain_checks(st, [control for _, control in pairs], s.alpha)
@@ -88,7 +81,7 @@ class GainAudit:
         # detail the control that matters most (the least-beaten failing one, or the
         # strongest control when all are beaten); name the other failures
         lead = min(failing, key=lambda i: checks[i].mean_gain) if failing else weakest
-        reason = describe(checks[lead], decisions[lead], self._label(checks[lead].control))
+        reason = describe(checks[lead], decisions[lead], label(checks[lead].control))
         others = [checks[i].control for i in failing if i != lead]
         if others:
             reason += f"; also not beaten: {', '.join(others)}"
@@ -104,9 +97,8 @@ class GainAudit:
                                           "p_value_corrected": c.p_corrected[j]}
                               for c in checks}
             per_seed.append(entry)
-        return Verdict(
-            audit=self.name, claim=self.claim, cell=cell,
-            status=Status.PASS if passed else Status.FAIL,
+        return ctx.verdict(
+            self, cell, Status.PASS if passed else Status.FAIL, reason,
             statistic=f"{HEADLINE}(strongest control) − {HEADLINE}(candidate)",
             effect=strongest.mean_gain,
             ci=(min(lo for lo, _ in strongest.cis), max(hi for _, hi in strongest.cis)),
@@ -117,10 +109,4 @@ class GainAudit:
                        "band": "mean gain > sd across seeds of the control",
                        "controls": [c.control for c in checks],
                        "setting": None if st.setting is None else list(st.setting)},
-            per_seed=per_seed, reason=reason)
-
-    @staticmethod
-    def _label(control: str) -> str:
-        kind, _, feature = control.partition(":")
-        text = DESCRIPTIONS.get(kind, kind)
-        return f"{kind}{'[' + feature + ']' if feature else ''} ({text})"
+            per_seed=per_seed)

@@ -1,4 +1,4 @@
-"""The session's configuration: parsed options plus the plugin manager and registries."""
+"""The session's configuration: parsed options, the plugin manager and the registries."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import pluggy
 
 from routeaudit.audit import AuditSettings
+from routeaudit.session.calls import PluginFailure
 from routeaudit.summaries import SummaryRegistry
 
 
@@ -17,17 +18,26 @@ class Config:
     """Handed to every hook that needs configuration; plugins may stash state in ``stash``."""
 
     options: argparse.Namespace
+    """The parsed command line, including every option plugins added."""
     pluginmanager: pluggy.PluginManager
+    """The session's plugin manager (``config.hook`` calls hooks)."""
     summaries: SummaryRegistry
+    """Routing summaries known to this run (built-ins and ``routeaudit_register_summaries``)."""
     calibrators: dict[str, Any] = field(default_factory=dict)
+    """Calibrator factories by name (reference ones and ``routeaudit_register_calibrators``)."""
     stash: dict[str, Any] = field(default_factory=dict)
+    """Free space for plugins."""
+    failures: list[PluginFailure] = field(default_factory=list)
+    """Plugin hooks that raised outside any audit; each is an ``error`` row, reported first."""
 
     @property
     def hook(self) -> Any:
         return self.pluginmanager.hook
 
     def settings(self) -> AuditSettings:
+        """The statistical settings of every audit, from the command line."""
         o = self.options
+        defaults = AuditSettings()
         return AuditSettings(
             alpha=o.alpha,
             n_permutations=o.permutations,
@@ -38,6 +48,8 @@ class Config:
             min_count=o.min_count,
             stability=o.stability,
             sequential_h=o.sequential_h,
+            tv_min=defaults.tv_min if o.tv_min is None else o.tv_min,
+            tertile_summary=o.tertile_summary,
             device=o.device,
         )
 

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from routeaudit import metrics
 from routeaudit.errors import UsageError
-from routeaudit.summaries import FeatureCache
+from routeaudit.summaries import FeatureCache, SummaryRegistry
+from routeaudit.traces import TraceSet
 
 #: Output-only features a capacity twin may put where routing columns were, in this order
 #: (cycled when more routing columns must be replaced than there are substitutes).
@@ -27,21 +29,12 @@ DERIVED_FEATURES = ("predictive_entropy", "margin", "logit_confidence", "second_
                     "gini")
 
 
-def probabilities(logits: np.ndarray) -> np.ndarray:
-    """Softmax of logits in float64 (max-shifted)."""
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    return p / p.sum(axis=1, keepdims=True)
-
-
 def derived_feature(name: str, logits: np.ndarray) -> np.ndarray:
     """A confidence-derived feature computed from the logits only (never from routing)."""
-    p = probabilities(logits)
-    top2 = -np.sort(-p, axis=1)[:, :2] if p.shape[1] >= 2 else np.c_[p, np.zeros(len(p))]
     if name == "predictive_entropy":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return -np.where(p > 0, p * np.log(p), 0.0).sum(axis=1)
+        return metrics.predictive_entropy(logits)
+    p = metrics.softmax(logits)
+    top2 = -np.sort(-p, axis=1)[:, :2] if p.shape[1] >= 2 else np.c_[p, np.zeros(len(p))]
     if name == "margin":
         return top2[:, 0] - top2[:, 1]
     if name == "logit_confidence":
@@ -102,3 +95,15 @@ def feature_matrix(features: Sequence[str], cache: FeatureCache) -> FeatureMatri
         if is_routing_feature(name, cache) and name not in routing:
             routing.append(name)
     return FeatureMatrix(np.concatenate(blocks, axis=1), tuple(owners), tuple(routing))
+
+
+def check_features(features: Sequence[str], traces: TraceSet, registry: SummaryRegistry) -> None:
+    """Raise a UsageError naming what exists unless every declared feature can be computed
+    for ``traces`` (checked once, before any audit runs)."""
+    for name in features:
+        if name == "logits" or (name in DERIVED_FEATURES and name not in registry):
+            continue
+        try:
+            registry.check(name, traces)
+        except UsageError as exc:
+            raise UsageError(f"calibrator feature {name!r}: {exc}") from exc

@@ -1,0 +1,262 @@
+"""The session: load targets, collect and select audits, run them, report.
+
+Stage B (docs/architecture.md): everything here is a pure function of (traces, options, seed), so
+a given seed gives bit-identical verdicts. Every call into plugin code goes through
+:class:`~routeaudit.session.calls.CallInfo`: an audit or hook that raises becomes an
+``error`` row and the battery goes on; an audit whose needs are unmet gets a ``skip`` row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from routeaudit._version import __version__
+from routeaudit.audit import Audit, AuditContext, SerialExecutor, audit_member, seeds_for
+from routeaudit.calibration.features import check_features
+from routeaudit.calibrators import REFERENCE_CALIBRATORS
+from routeaudit.calibrators.base import spec_of
+from routeaudit.errors import RouteAuditError, UsageError
+from routeaudit.session.calls import CallInfo, HookCaller, PluginFailure, error_verdicts
+from routeaudit.session.config import Config
+from routeaudit.session.selection import keyword_matches, nodeid
+from routeaudit.session.targets import Target, load_target, resolve_calibrator
+from routeaudit.summaries import content_independent
+from routeaudit.verdict import Report, Status, Summary, Verdict, exit_code_for
+
+#: Members an object must have to be an audit (the rest have defaults; see routeaudit.audit).
+REQUIRED_MEMBERS = ("name", "claim", "needs", "cells", "run")
+
+
+def hooks(config: Config) -> HookCaller:
+    """The guarded hook caller of this session (failures land in ``config.failures``)."""
+    return HookCaller(config.pluginmanager, config.failures, reraise=(RouteAuditError,))
+
+
+def collect_audits(config: Config) -> list[Audit]:
+    """Every audit the plugins contribute, in registration order (built-ins, ``-p``, entry
+    points, the user's file); then ``--audit`` selects among them."""
+    audits: list[Audit] = []
+    # pluggy calls the last-registered plugin first; reverse so audits (and report rows) come
+    # in registration order
+    for contributed in reversed(hooks(config).call("routeaudit_collect_audits", config=config)):
+        for audit in contributed or []:
+            missing = [m for m in REQUIRED_MEMBERS if not hasattr(audit, m)]
+            if missing:
+                info = CallInfo.from_call(lambda audit=audit, missing=missing: _not_an_audit(
+                    audit, missing), "routeaudit_collect_audits")
+                config.failures.append(PluginFailure(type(audit).__module__,
+                                                     "routeaudit_collect_audits", info))
+                continue
+            audits.append(audit)
+    names = [a.name for a in audits]
+    duplicates = {n for n in names if names.count(n) > 1}
+    if duplicates:
+        raise UsageError(f"audit names registered twice: {', '.join(sorted(duplicates))}")
+    wanted = getattr(config.options, "audit", None) or []
+    unknown = set(wanted) - set(names)
+    if unknown:
+        raise UsageError(f"unknown audit(s): {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join(sorted(names))}")
+    return audits
+
+
+def _not_an_audit(audit: Any, missing: list[str]) -> None:
+    raise TypeError(f"{audit!r} is not an audit: it lacks {', '.join(missing)} "
+                    "(see routeaudit.audit.Audit)")
+
+
+def check_claims(ctx: AuditContext, requested: Sequence[str]) -> None:
+    """Usage errors found while collecting, before any work: a ``--summary`` or calibrator
+    feature that names nothing these traces have is one error naming what exists."""
+    traces = ctx.seeds[0].traces if ctx.seeds else None
+    if traces is None:
+        return
+    for name in requested:
+        try:
+            ctx.summaries.check(name, traces)
+        except UsageError as exc:
+            raise UsageError(f"{ctx.target}: --summary {name}: {exc}") from exc
+    spec = spec_of(ctx.calibrator) if ctx.calibrator is not None else None
+    if spec is not None:
+        try:
+            check_features(spec.features, traces, ctx.summaries)
+        except UsageError as exc:
+            raise UsageError(f"{ctx.target}: calibrator {spec.name!r}: {exc}") from exc
+
+
+def unmet_need(audit: Audit, ctx: AuditContext) -> str | None:
+    """Why an audit cannot run on this target (its ``skip`` reason), or None."""
+    if "calibrator" in audit.needs and ctx.calibrator is None:
+        return ("no calibrator to audit: register one with @routeaudit.calibrator in the "
+                "adapter file, or pass --calibrator NAME")
+    if "model" in audit.needs and not ctx.can_intervene:
+        if ctx.session is None:
+            return "the target is traces, not a model: this audit re-runs the model"
+        return (f"the model adapter {type(ctx.session.adapter).__name__} does not implement "
+                "intervene(model, intervention), which this audit needs")
+    return None
+
+
+def frozen_routing_reason(ctx: AuditContext) -> str | None:
+    """Why no routing-aware claim can hold, when the routing does not vary; else None.
+
+    One shared check, so every routing-aware audit fails for the same stated reason instead
+    of each running its statistics on float noise.
+    """
+    tv_min = ctx.settings.tv_min
+    for seed in ctx.seeds:
+        independent, largest = content_independent(seed.traces, tv_min)
+        if independent:
+            return (f"routing is content-independent (no routing variation: largest per-layer "
+                    f"TV distance from the mean routing {largest:.2g} < {tv_min:g}), so no "
+                    "routing feature can carry signal")
+    return None
+
+
+def make_context(config: Config, target: Target, audits: Sequence[Audit]) -> AuditContext:
+    calibrator = config.calibrators.get("__cli__") or target.calibrator
+    return AuditContext(
+        target=target.name, seeds=seeds_for(target.traces, config.options.seeds, config.summaries),
+        settings=config.settings(), summaries=config.summaries,
+        requested_summaries=list(config.options.summary or []), calibrator=calibrator,
+        options=config.options, session=target.session,
+        audits={audit.name: audit for audit in audits})
+
+
+def run_audits(config: Config, target: Target, audits: list[Audit]) -> list[Verdict]:
+    """Run the selected cells of every audit on one target. An exception in ``cells`` or
+    ``run`` becomes ``error`` rows; an audit whose needs are unmet becomes a ``skip`` row."""
+    ctx = make_context(config, target, audits)
+    check_claims(ctx, ctx.requested_summaries)
+    keyword = config.options.keyword
+    wanted = set(config.options.audit or [])
+    rows: list[Verdict | tuple[Audit, list[dict[str, Any]]]] = []
+    for audit in audits:
+        if wanted and audit.name not in wanted:
+            continue
+        why = unmet_need(audit, ctx)
+        if why is not None:
+            if not keyword or keyword_matches(keyword, nodeid(target.name, audit.name, {})):
+                rows.append(Verdict(audit=audit.name, claim=audit.claim, status=Status.SKIP,
+                                    reason=why, target=target.name))
+            continue
+        call = CallInfo.from_call(lambda audit=audit: audit.cells(ctx), "cells")
+        if call.failed:
+            rows.extend(error_verdicts(audit, [], target.name, call))
+            continue
+        cells = [c for c in call.result or []
+                 if not keyword or keyword_matches(keyword, nodeid(target.name, audit.name, c))]
+        if cells:
+            for seed in ctx.seeds:
+                seed.traces.require_examples(int(audit_member(audit, "min_examples")),
+                                             f"audit {audit.name}")
+            rows.append((audit, cells))
+    plan = [row for row in rows if isinstance(row, tuple)]
+    ctx.control_kinds = _control_kinds(ctx, [audit for audit, _ in plan])
+    frozen = (frozen_routing_reason(ctx)
+              if any(audit_member(a, "routing_aware") for a, _ in plan) else None)
+
+    def run_one(item: Verdict | tuple[Audit, list[dict[str, Any]]]) -> list[Verdict]:
+        if isinstance(item, Verdict):
+            return [item]
+        audit, cells = item
+        if frozen and audit_member(audit, "routing_aware"):
+            return [ctx.verdict(audit, cell, Status.FAIL, frozen) for cell in cells]
+        call = CallInfo.from_call(lambda: _checked_run(audit, ctx, cells), "run")
+        if call.failed:
+            return error_verdicts(audit, cells, target.name, call)
+        for verdict in call.result or []:
+            verdict.target = target.name
+        return list(call.result or [])
+
+    caller = hooks(config)
+    executor = caller.call("routeaudit_make_executor", firstresult=True, config=config)
+    verdicts: list[Verdict] = []
+    for batch in (executor or SerialExecutor()).map(run_one, rows):
+        for verdict in batch:
+            caller.call("routeaudit_verdict", config=config, verdict=verdict)
+            verdicts.append(verdict)
+    return verdicts
+
+
+def _checked_run(audit: Audit, ctx: AuditContext, cells: list[dict[str, Any]]) -> list[Verdict]:
+    result = audit.run(ctx, cells)
+    if not isinstance(result, list) or not all(isinstance(v, Verdict) for v in result):
+        raise TypeError(f"{type(audit).__name__}.run must return a list of Verdict, "
+                        f"not {type(result).__name__}")
+    return result
+
+
+def _control_kinds(ctx: AuditContext, planned: Sequence[Audit]) -> tuple[str, ...] | None:
+    """The calibrator variants the planned audits need: their own and those of the audits
+    they re-run (found by name, so a blocked audit contributes none)."""
+    kinds: list[str] = []
+    for audit in planned:
+        kinds.extend(audit_member(audit, "control_kinds"))
+        for name in audit_member(audit, "reruns"):
+            other = ctx.audit(name)
+            if other is not None:
+                kinds.extend(audit_member(other, "control_kinds"))
+    return tuple(dict.fromkeys(kinds)) or None
+
+
+def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> Report:
+    """Load every target, run the battery, build the report and hand it to the reporters."""
+    started = time.perf_counter()
+    caller = hooks(config)
+    caller.call("routeaudit_register_summaries", registry=config.summaries)
+    for name, reference in REFERENCE_CALIBRATORS.items():
+        config.calibrators.setdefault(name, reference.factory)
+    caller.call("routeaudit_register_calibrators", registry=config.calibrators)
+    cli_calibrator = resolve_calibrator(config.options.calibrator, config)
+    if cli_calibrator is not None:
+        config.calibrators["__cli__"] = cli_calibrator
+    loaded = []
+    for path in targets:
+        target = load_target(path, config, modules)
+        for traces in target.traces:
+            caller.call("routeaudit_traces_ready", config=config, traces=traces)
+        loaded.append(target)
+    wanted = config.options.calibrator
+    if wanted and cli_calibrator is None and not any(
+            t.calibrator is not None and t.calibrator.name == wanted for t in loaded):
+        known = sorted(n for n in config.calibrators if n != "__cli__")
+        raise UsageError(f"--calibrator {wanted!r}: not registered (known: {', '.join(known)}) "
+                         "and not module:factory")
+    audits = collect_audits(config)
+    verdicts: list[Verdict] = []
+    for target in loaded:
+        verdicts.extend(run_audits(config, target, audits))
+    report = build_report(config, targets, verdicts, started)
+    render(config, report)
+    return report
+
+
+def build_report(config: Config, targets: list[str], verdicts: list[Verdict],
+                 started: float) -> Report:
+    """The report: plugin failures first (they concern the whole run), then the verdicts."""
+    rows = [failure.verdict() for failure in config.failures] + verdicts
+    code = exit_code_for(rows, inconclusive_fails=config.options.inconclusive == "fail")
+    return Report(routeaudit_version=__version__, exit_code=int(code), targets=targets,
+                  seeds=config.options.seeds, config=config.as_dict(), verdicts=rows,
+                  summary=Summary.of(rows), duration_s=time.perf_counter() - started)
+
+
+def render(config: Config, report: Report) -> None:
+    """Hand the report to every reporter, one at a time. A reporter that raises becomes an
+    ``error`` row of the report the later reporters render (user plugins run before the
+    built-in terminal, JSON, JUnit and HTML reporters, so those show it)."""
+    failures: list[PluginFailure] = []
+    impls = config.pluginmanager.hook.routeaudit_report.get_hookimpls()
+    for impl in reversed(impls):
+        info = CallInfo.from_call(lambda impl=impl: impl.function(
+            **{name: {"config": config, "report": report}[name] for name in impl.argnames}),
+            "hook routeaudit_report")
+        if info.failed:
+            failures.append(PluginFailure(impl.plugin_name, "routeaudit_report", info))
+            report.verdicts.insert(0, failures[-1].verdict())
+            report.summary = Summary.of(report.verdicts)
+            report.exit_code = int(exit_code_for(
+                report.verdicts, inconclusive_fails=config.options.inconclusive == "fail"))
