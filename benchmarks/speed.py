@@ -39,8 +39,7 @@ import numpy as np
 import torch
 from scipy import stats as sps
 
-from routeaudit.calibrators import NadarayaWatson, fit_many
-from routeaudit.calibrators import kernel as K
+from routeaudit.calibrators import NadarayaWatson, bandwidth, fit_many, kde
 from routeaudit.metrics import ece, smooth_ece
 from routeaudit.stats import (
     confidence_bins,
@@ -597,9 +596,9 @@ def _exact_fold_subsample(X: np.ndarray, y: np.ndarray, grid: Sequence[float], m
     """Exact predictions of fold 0's held-out points [:m] for every κ, as ``cv_nll_scores`` does."""
     folds = _cv_folds(len(y))
     tr = np.setdiff1d(np.arange(len(y)), folds[0])
-    model = K._fallback_model(X[tr], y[tr], X.shape[1], True, "cpu")
+    model = bandwidth._fallback_model(X[tr], y[tr], X.shape[1], True, "cpu")
     q = X[folds[0][:m]]
-    return tr, q, K._exact_predict(model, q, list(grid))
+    return tr, q, kde._exact_predict(model, q, list(grid))
 
 
 def bench_nw(size: Size = "full") -> Section:
@@ -611,20 +610,20 @@ def bench_nw(size: Size = "full") -> Section:
         f"({grid[0]:g}..{grid[-1]:g}); fast = cv_nll_scores(method='binned'), the default",
     )
     warm_X, warm_y = nw_data(300, seed=9)
-    K.cv_nll_scores(warm_X, warm_y, grid)
-    K.cv_nll_scores(warm_X, warm_y, grid, method="exact")
+    bandwidth.cv_nll_scores(warm_X, warm_y, grid)
+    bandwidth.cv_nll_scores(warm_X, warm_y, grid, method="exact")
     for n in cfg["sizes"]:
         X, y = nw_data(n)
         table = Table(f"n = {n:,}", "routeaudit fast")
         m = min(cfg["sub"], n // 5)
         full_exact = n <= cfg["exact_max"]
         calls: dict[str, tuple[Callable[[], Any], int]] = {
-            "fast": (lambda X=X, y=y: K.cv_nll_scores(X, y, grid), cfg["repeats"]),
+            "fast": (lambda X=X, y=y: bandwidth.cv_nll_scores(X, y, grid), cfg["repeats"]),
             "sub": (lambda X=X, y=y, m=m: _exact_fold_subsample(X, y, grid, m), cfg["exact_repeats"] + 1),
         }
         if full_exact:
             calls["exact"] = (
-                lambda X=X, y=y: K.cv_nll_scores(X, y, grid, method="exact"),
+                lambda X=X, y=y: bandwidth.cv_nll_scores(X, y, grid, method="exact"),
                 cfg["exact_repeats"],
             )
             calls["naive"] = (lambda X=X, y=y: per_fold_predictions(X, y, grid, "exact"), 1)

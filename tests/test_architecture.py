@@ -211,3 +211,17 @@ def test_python_dash_m_routeaudit_help():
                           text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage: routeaudit" in done.stdout and "run" in done.stdout
+
+
+def test_every_methods_citation_names_a_section_that_exists():
+    doc = (ROOT / "docs" / "methods.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)[. ]", doc, flags=re.M))
+    cited: dict[str, list[str]] = {}
+    files = [*ROOT.joinpath("routeaudit").rglob("*.py"), *ROOT.joinpath("audits").glob("*.py"),
+             *ROOT.joinpath("benchmarks").glob("*.py"), ROOT / "README.md"]
+    for path in files:
+        for ref in re.findall(r"docs/methods\.md ?§ ?(\d+(?:\.\d+)?)", path.read_text("utf-8")):
+            cited.setdefault(ref.rstrip("."), []).append(path.name)
+    assert cited, "the code cites docs/methods.md"
+    missing = {ref: names for ref, names in cited.items() if ref not in sections}
+    assert not missing, f"citations of sections docs/methods.md does not have: {missing}"
