@@ -202,6 +202,15 @@ def split_plugin_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _main(argv: list[str]) -> int:
+    parser = build_parser()
+    plugin_args, argv = split_plugin_args(argv)
+    if not argv:
+        parser.print_help()
+        return int(ExitCode.USAGE_ERROR)
+    early, _ = build_parser(early=True).parse_known_args(argv)
+    if early.command is None:  # `routeaudit --help`, `--version` or a usage error: no plugins
+        parser.parse_args(argv)
+        return int(ExitCode.USAGE_ERROR)
     from routeaudit.session.calls import HookCaller, PluginFailure
     from routeaudit.session.config import Config
     from routeaudit.session.plugins import (
@@ -212,15 +221,6 @@ def _main(argv: list[str]) -> int:
     )
     from routeaudit.summaries import default_registry
 
-    parser = build_parser()
-    plugin_args, argv = split_plugin_args(argv)
-    if not argv:
-        parser.print_help()
-        return int(ExitCode.USAGE_ERROR)
-    early, _ = build_parser(early=True).parse_known_args(argv)
-    if early.command is None:  # `routeaudit --help`, `--version` or a usage error: no plugins
-        parser.parse_args(argv)
-        return int(ExitCode.USAGE_ERROR)
     failures: list[PluginFailure] = []
     pm = make_plugin_manager(plugin_args, load_entry_points=not early.no_entry_points,
                              failures=failures)
