@@ -86,10 +86,18 @@ def test_bad_traces_exit_4_naming_field_and_index(tmp_path, capsys):
     assert "logits" in err and "(17, 3)" in err
 
 
-def test_too_few_examples_exit_4(tmp_path, capsys):
+def test_too_few_examples_are_inconclusive_per_audit(tmp_path):
+    """Too little data is not invalid traces: each audit that needs more says how much."""
     make_traces("null", 60, seed=0).save_npz(tmp_path / "small.npz")
-    assert main(["run", str(tmp_path / "small.npz")]) == 4
-    assert "at least 100" in capsys.readouterr().err
+    code, report = run_json([str(tmp_path / "small.npz")], tmp_path)
+    assert code == 1
+    rows = {(v["audit"], v["cell"].get("summary")): v for v in report["verdicts"]}
+    perm = rows[("permutation_null", "r_agg")]
+    assert perm["status"] == "inconclusive"
+    assert "60 examples" in perm["reason"] and "at least 100" in perm["reason"]
+    assert "40 more" in perm["reason"]
+    # an audit content with 60 examples still runs
+    assert rows[("content_dependence", None)]["status"] in ("pass", "fail")
 
 
 def test_junit_one_testcase_per_verdict(npz, tmp_path):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from typing import Any
 
 from routeaudit.hookspecs import hookimpl
+from routeaudit.report.files import check_target, write_atomic
 from routeaudit.report.terminal import effect_text, summary_line
 from routeaudit.verdict import Report
 
@@ -45,8 +45,14 @@ def routeaudit_addoption(parser: Any) -> None:
 
 
 @hookimpl
+def routeaudit_configure(config: Any) -> None:
+    path = getattr(config.options, "html", None)
+    if path:
+        check_target(path, "html", "--html")  # before the run, not after it
+
+
+@hookimpl
 def routeaudit_report(config: Any, report: Report) -> None:
     path = getattr(config.options, "html", None)
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(render(report), encoding="utf-8")
+        write_atomic(path, render(report))

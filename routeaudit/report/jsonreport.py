@@ -1,11 +1,12 @@
-"""JSON reporter: the Report model, dumped as it is (``--json PATH``)."""
+"""JSON reporter: the Report model, dumped as it is (``--json PATH``), written atomically and
+never over a file that is not a routeaudit JSON report."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from routeaudit.hookspecs import hookimpl
+from routeaudit.report.files import check_target, write_atomic
 from routeaudit.verdict import Report
 
 
@@ -16,8 +17,14 @@ def routeaudit_addoption(parser: Any) -> None:
 
 
 @hookimpl
+def routeaudit_configure(config: Any) -> None:
+    path = getattr(config.options, "json", None)
+    if path:
+        check_target(path, "json", "--json")  # before the run, not after it
+
+
+@hookimpl
 def routeaudit_report(config: Any, report: Report) -> None:
     path = getattr(config.options, "json", None)
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(report.to_json())
+        write_atomic(path, report.to_json())

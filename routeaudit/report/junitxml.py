@@ -7,10 +7,10 @@ fail → <failure>, error → <error>, skip → <skipped>, inconclusive → <fai
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
-from pathlib import Path
 from typing import Any
 
 from routeaudit.hookspecs import hookimpl
+from routeaudit.report.files import check_target, write_atomic
 from routeaudit.verdict import Report, Status
 
 
@@ -50,10 +50,16 @@ def routeaudit_addoption(parser: Any) -> None:
 
 
 @hookimpl
+def routeaudit_configure(config: Any) -> None:
+    path = getattr(config.options, "junitxml", None)
+    if path:
+        check_target(path, "junitxml", "--junitxml")  # before the run, not after it
+
+
+@hookimpl
 def routeaudit_report(config: Any, report: Report) -> None:
     path = getattr(config.options, "junitxml", None)
     if path:
-        tree = ET.ElementTree(to_xml(report, inconclusive_fails=config.options.inconclusive == "fail"))
-        ET.indent(tree)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tree.write(path, encoding="utf-8", xml_declaration=True)
+        root = to_xml(report, inconclusive_fails=config.options.inconclusive == "fail")
+        ET.indent(root)
+        write_atomic(path, ET.tostring(root, encoding="utf-8", xml_declaration=True))

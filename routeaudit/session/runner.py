@@ -99,6 +99,17 @@ def unmet_need(audit: Audit, ctx: AuditContext) -> str | None:
     return None
 
 
+def too_little_data(audit: Audit, ctx: AuditContext) -> str | None:
+    """Why the target has too few examples for this audit (an ``inconclusive`` reason that
+    says how many it needs), or None."""
+    need = int(audit_member(audit, "min_examples"))
+    have = min((seed.traces.n_examples for seed in ctx.seeds), default=0)
+    if have >= need:
+        return None
+    return (f"too little data: {have} examples, and this audit needs at least {need}; "
+            f"{need - have} more would let it decide")
+
+
 def frozen_routing_reason(ctx: AuditContext) -> str | None:
     """Why no routing-aware claim can hold, when the routing does not vary; else None.
 
@@ -148,11 +159,13 @@ def run_audits(config: Config, target: Target, audits: list[Audit]) -> list[Verd
             continue
         cells = [c for c in call.result or []
                  if not keyword or keyword_matches(keyword, nodeid(target.name, audit.name, c))]
-        if cells:
-            for seed in ctx.seeds:
-                seed.traces.require_examples(int(audit_member(audit, "min_examples")),
-                                             f"audit {audit.name}")
-            rows.append((audit, cells))
+        if not cells:
+            continue
+        short = too_little_data(audit, ctx)
+        if short is not None:
+            rows.extend(ctx.verdict(audit, cell, Status.INCONCLUSIVE, short) for cell in cells)
+            continue
+        rows.append((audit, cells))
     plan = [row for row in rows if isinstance(row, tuple)]
     ctx.control_kinds = _control_kinds(ctx, [audit for audit, _ in plan])
     frozen = (frozen_routing_reason(ctx)
