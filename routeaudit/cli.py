@@ -146,6 +146,8 @@ def build_parser(*, early: bool = False) -> Parser:
     ext.add_argument("--device", default=None)
     add_extraction_options(ext)
     ext.add_argument("-q", "--quiet", action="count", default=0)
+    ext.add_argument("-v", "--verbose", action="count", default=0,
+                     help="say what changed when the trace cache misses")
     return parser
 
 
@@ -293,9 +295,12 @@ def _extract(options: argparse.Namespace, modules: dict[str, Any]) -> int:
     adapters = find_adapters(modules[target])
     if len(adapters) != 1:
         raise AdapterError(f"{target}: expected exactly one @routeaudit.adapter, found {len(adapters)}")
+    from routeaudit.session.targets import say_cache
+
     traces = traces_from_adapter(adapters[0], device=options.device, progress=not options.quiet,
                                  autocast=options.autocast, cache=not options.no_cache,
-                                 cache_dir=options.cache_dir)
+                                 cache_dir=options.cache_dir,
+                                 on_session=lambda s: say_cache(target, s, options))
     out = Path(options.output)
     if len(traces) == 1:
         traces[0].save(out)

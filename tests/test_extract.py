@@ -192,9 +192,11 @@ def test_cache_hit_skips_load_and_forward(toy, tmp_path):
     assert (entry / "manifest.json").exists()
     recorded = json.loads((entry / "cache_key.json").read_text())
     assert recorded["split"] == "eval" and len(recorded["checkpoints"]) == 1
+    assert recorded["local_modules"] == []  # the toy imports nothing local
     session = ModelSession(toy.Toy, cache_dir=cache, progress=False)
     second = session.traces()
     assert session.cache_hit and toy.CALLS == {"load": 1, "forward": 4}
+    assert session.cache_report() == f"reused traces from the cache (key {entry.name[:12]}…)"
     np.testing.assert_array_equal(first.routing, second.routing)
     assert second.meta.extraction["cache_key"] == entry.name
 
@@ -203,9 +205,13 @@ def test_cache_misses_when_checkpoint_bytes_change(toy, tmp_path):
     cache = tmp_path / "cache"
     first = extract_traces(toy.Toy(), cache_dir=cache, progress=False)
     toy.write_checkpoint(tmp_path / "adapter" / "toy.safetensors", seed=1)
-    second = extract_traces(toy.Toy(), cache_dir=cache, progress=False)
+    sessions: list[ModelSession] = []
+    second = extract_traces(toy.Toy(), cache_dir=cache, progress=False, on_session=sessions.append)
     assert toy.CALLS["load"] == 2 and len(entries(cache)) == 2
     assert not np.allclose(first.logits, second.logits)
+    (session,) = sessions
+    assert session.cache_changes == ["checkpoint toy.safetensors changed"]
+    assert session.cache_report().endswith("of Toy: checkpoint toy.safetensors changed")
 
 
 def test_cache_misses_when_adapter_source_changes(toy, tmp_path):
@@ -250,9 +256,12 @@ def test_crash_while_writing_leaves_no_entry(toy, tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(TraceSet, "save", half_save)
+    session = ModelSession(toy.Toy(), cache_dir=cache, progress=False)
     with pytest.warns(CacheWarning, match="disk full"):
-        traces = extract_traces(toy.Toy(), cache_dir=cache, progress=False)
+        traces = session.traces()
     assert traces.n_examples == toy.N
+    assert session.cache_status.startswith("extracted (cache miss: no entry for key ")
+    assert session.cache_status.endswith("…; not stored)")
     assert list(cache.iterdir()) == []  # neither an entry nor a leftover staging directory
 
 
@@ -262,9 +271,12 @@ def test_corrupt_entry_is_rebuilt(toy, tmp_path):
     (entry,) = entries(cache)
     logits = entry / "logits.npy"
     logits.write_bytes(logits.read_bytes()[:-4] + b"\0\0\0\0")
+    rebuilt = ModelSession(toy.Toy(), cache_dir=cache, progress=False)
     with pytest.warns(CacheWarning, match="sha256"):
-        second = extract_traces(toy.Toy(), cache_dir=cache, progress=False)
+        second = rebuilt.traces()
     assert toy.CALLS["load"] == 2
+    assert rebuilt.cache_status == f"extracted (cache miss: the entry for key {entry.name[:12]}… " \
+                                   "was unusable, rebuilt)"
     np.testing.assert_array_equal(first.logits, second.logits)
     third = ModelSession(toy.Toy(), cache_dir=cache, progress=False)
     third.traces()

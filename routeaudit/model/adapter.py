@@ -8,10 +8,18 @@ Two kinds of adapter can be registered with ``@routeaudit.adapter`` in the user'
 * a **model adapter**: a subclass of :class:`Adapter` with ``load(device)``,
   ``batches(split)`` and ``forward(model, batch) -> ForwardOutput``, and optionally
   ``intervene(model, intervention)`` for causal audits.
+
+Relative paths in a model adapter (``checkpoint``, data files) mean "next to the file that
+defines the adapter class", never "in the working directory": the adapter's own imports
+resolve next to that file (``import_user_file`` puts its folder first on ``sys.path``), so
+its files must too, or the same adapter breaks when run from another folder.
+:func:`adapter_path` (``Adapter.resolve``) is that one rule, used by the trace cache for
+``checkpoint`` and available to ``load()``.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,7 +42,25 @@ class ForwardOutput(NamedTuple):
 
 
 class Adapter:
-    """Base class for model adapters. Override ``load``, ``batches`` and ``forward``."""
+    """Base class for model adapters. Override ``load``, ``batches`` and ``forward``.
+
+    ``checkpoint`` (optional) names the weight file(s) the traces depend on: a path or a list
+    of paths (a directory counts as every file in it). They are hashed into the trace cache
+    key, together with the adapter's file and the local modules it imports
+    (:mod:`routeaudit.model.cache`). A relative path is relative to the folder of the file
+    that defines the adapter class, not to the working directory; open it the same way in
+    ``load`` with :meth:`resolve`::
+
+        checkpoint = "weights.safetensors"
+
+        def load(self, device):
+            state = safetensors.torch.load_file(self.resolve(self.checkpoint))
+            ...
+
+    ``cache_key()`` (optional) returns a string for anything else the traces depend on
+    that is neither a file the adapter imports nor a checkpoint (a dataset version, an
+    environment variable).
+    """
 
     name: str = "model"
     #: Which split of ``batches`` the audits use.
@@ -52,6 +78,10 @@ class Adapter:
     def forward(self, model: Any, batch: Any) -> ForwardOutput:
         raise NotImplementedError
 
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """``path`` resolved against this adapter's folder (see :func:`adapter_path`)."""
+        return adapter_path(self, path)
+
     def intervene(self, model: Any, intervention: Any) -> Any:
         """A context manager under which ``forward`` applies a RoutingIntervention.
 
@@ -63,6 +93,35 @@ class Adapter:
     def supports_intervention(cls) -> bool:
         """True when the class overrides :meth:`intervene` (see :func:`supports_intervention`)."""
         return cls.intervene is not Adapter.intervene
+
+
+def adapter_source_file(adapter: Any) -> Path | None:
+    """The file that defines the adapter's class (resolved), or None (REPL, built-in, C extension).
+
+    ``adapter`` may be an instance or the class itself.
+    """
+    cls = adapter if isinstance(adapter, type) else type(adapter)
+    try:
+        source = inspect.getsourcefile(cls)
+    except (TypeError, OSError):
+        return None
+    return Path(source).resolve() if source and Path(source).is_file() else None
+
+
+def adapter_path(adapter: Any, path: str | os.PathLike[str]) -> Path:
+    """``path`` as the adapter means it: absolute as is, ``~`` expanded, and a relative path
+    joined to the folder of the file that defines the adapter's class.
+
+    Why that folder: the adapter file's imports resolve there, so its data must too, or the
+    run would depend on the working directory. Without a source file (a class typed into a
+    REPL) the working directory is the only folder there is.
+    """
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        return candidate
+    source = adapter_source_file(adapter)
+    base = source.parent if source is not None else Path.cwd()
+    return base / candidate
 
 
 class TraceAdapter:

@@ -9,6 +9,8 @@ Why it is shaped this way (docs/architecture.md):
   overlaps the launch of batch i+1 and the device never holds more than one batch of traces.
 * The result is validated as a TraceSet and, by default, stored in the content-addressed
   cache (:mod:`routeaudit.model.cache`), so re-running an audit never re-runs the model.
+  The session says which happened (``cache_status``, ``cache_report()``): a cache that
+  silently reuses traces is only trustworthy if the user can see that it did, and why not.
 * :class:`ModelSession` keeps the loaded model for the extra passes that causal audits ask
   for (``session.forward(intervention)``), in the same example order as the traces.
 """
@@ -20,14 +22,15 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
 
 from routeaudit.errors import AdapterError, RouteAuditError, TraceValidationError, UsageError
 from routeaudit.model.adapter import Adapter, ForwardOutput, TraceAdapter, supports_intervention
-from routeaudit.model.cache import CacheKey, CacheWarning, TraceCache, compute_key
+from routeaudit.model.cache import CacheKey, CacheWarning, TraceCache, compute_key, describe_changes
 from routeaudit.traces import TraceMeta, TraceSet
 
 AUTOCAST_MODES = ("none", "bf16")
@@ -36,6 +39,8 @@ FLOAT_FIELDS = ("logits", "routing", "expert_logits")
 #: bf16 keeps ~3 significant digits, so a bf16 softmax row can miss 1 by more than the trace
 #: tolerance (1e-3). Rows within this looser bound are renormalised; worse rows still fail.
 LOW_PRECISION_ROW_TOLERANCE = 0.02
+#: How many hex digits of a cache key the status line shows.
+SHORT_KEY = 12
 
 HostBatch = dict[str, np.ndarray]
 
@@ -319,10 +324,23 @@ class ModelSession:
     ``adapter.intervene(model, intervention)`` and returns host arrays in trace order;
     ``forward(None)`` is served from the traces. The model is loaded at most once.
 
+    After ``traces()``, the session says where the traces came from:
+
+    * ``cache_hit``: True when they were reused from the cache;
+    * ``cache_status``: one short line, "reused traces from the cache (key 1a2b3c4d5e6f…)",
+      "extracted (cache miss: no entry for key 1a2b3c4d5e6f…)" or "extracted (cache
+      disabled)" (before ``traces()``: "not extracted yet");
+    * ``cache_changes``: on a miss, what differs from the newest cached entry of the same
+      adapter class ("model.py changed"), empty when there is none;
+    * ``cache_key`` (the :class:`CacheKey`, or None) and ``cache_entry`` (its directory);
+    * ``cache_report(verbose=False)``: the line to print, with the changes (and, verbose,
+      the entry's path).
+
     Usage::
 
         with ModelSession(MyAdapter(), autocast="bf16") as session:
             traces = session.traces()
+            print(session.cache_report(), file=sys.stderr)
             ablated = session.forward(RoutingIntervention(kind="mask", family="history"))
     """
 
@@ -341,6 +359,10 @@ class ModelSession:
         self.stream = stream
         self.cache = TraceCache(cache_dir) if cache else None
         self.cache_hit = False
+        self.cache_status = "not extracted yet"
+        self.cache_changes: list[str] = []
+        self.cache_key: CacheKey | None = None
+        self.cache_entry: Path | None = None
         self.n_loads = 0
         self.n_passes = 0
         self._device_request = device
@@ -379,7 +401,7 @@ class ModelSession:
                 raise
             except Exception as exc:
                 raise AdapterError(f"{type(self.adapter).__name__}.load failed: "
-                                   f"{type(exc).__name__}: {exc}") from exc
+                                   f"{type(exc).__name__}: {exc}{self._path_hint(exc)}") from exc
             self._loaded = True
             self.n_loads += 1
             if getattr(self._model, "training", False):
@@ -390,26 +412,61 @@ class ModelSession:
 
     # --- public API
     def traces(self) -> TraceSet:
-        """The clean, validated TraceSet: cached, or extracted (and stored) on a miss."""
+        """The clean, validated TraceSet: cached, or extracted (and stored) on a miss.
+
+        Sets ``cache_hit``, ``cache_status`` and, on a miss, ``cache_changes``.
+        """
         if self._traces is not None:
             return self._traces
         key = self._key()
-        if key is not None and self.cache is not None:
+        self.cache_key = key
+        if self.cache is None:
+            self.cache_status = "extracted (cache disabled)"
+        elif key is None:
+            self.cache_status = (f"extracted (cache disabled: {type(self.adapter).__name__} has "
+                                 "no source file to key it by)")
+        else:
+            self.cache_entry = self.cache.path(key)
+            existed = self.cache_entry.is_dir()
             cached = self.cache.load(key)
             if cached is not None:
                 self.cache_hit = True
+                self.cache_status = f"reused traces from the cache (key {_short(key)})"
                 self._traces = cached
                 return cached
+            self.cache_status = (f"extracted (cache miss: the entry for key {_short(key)} was "
+                                 "unusable, rebuilt)" if existed else
+                                 f"extracted (cache miss: no entry for key {_short(key)})")
+            self.cache_changes = self._changes(key)
         arrays, low_precision = self._run_pass(None)
         traces = self._build(arrays, low_precision, key)
         if key is not None and self.cache is not None:
             try:
                 self.cache.store(key, traces)
             except OSError as exc:
+                self.cache_status = self.cache_status[:-1] + "; not stored)"
                 warnings.warn(f"could not write the routeaudit cache entry under "
                               f"{self.cache.root}: {exc}", CacheWarning, stacklevel=2)
         self._traces = traces
         return traces
+
+    def cache_report(self, verbose: bool = False) -> str:
+        """``cache_status``, plus what changed since the last cached extraction on a miss.
+
+        ``verbose`` adds the cache entry's directory and puts each change on its own line.
+        """
+        text = self.cache_status
+        if self.cache_changes:
+            cls = type(self.adapter).__name__
+            if verbose:
+                text += f"\n  changed since the last cached extraction of {cls}:"
+                text += "".join(f"\n    {change}" for change in self.cache_changes)
+            else:
+                text += f"; changed since the last cached extraction of {cls}: " \
+                        + ", ".join(self.cache_changes)
+        if verbose and self.cache_entry is not None:
+            text += f"\n  cache entry: {self.cache_entry}"
+        return text
 
     def forward(self, intervention: Any = None) -> dict[str, np.ndarray]:
         """Host arrays (logits, labels, routing, ...) of one pass, in trace example order."""
@@ -452,6 +509,30 @@ class ModelSession:
             warnings.warn(f"{type(self.adapter).__name__} has no source file, so its traces "
                           "cannot be cached", CacheWarning, stacklevel=3)
         return key
+
+    def _changes(self, key: CacheKey) -> list[str]:
+        """On a miss: what differs from the newest entry of the same adapter class."""
+        assert self.cache is not None
+        try:
+            closest = self.cache.closest(key)
+            return describe_changes(closest[1], key.parts) if closest is not None else []
+        except (OSError, KeyError, TypeError, ValueError):  # an odd old record: no explanation
+            return []
+
+    def _path_hint(self, exc: Exception) -> str:
+        """When ``load`` could not find a file by a relative path, say which folder it means."""
+        if not isinstance(exc, FileNotFoundError):
+            return ""
+        missing = getattr(exc, "filename", None)
+        declared = getattr(self.adapter, "checkpoint", None)
+        if missing is None and isinstance(declared, (str, os.PathLike)) \
+                and os.fspath(declared) in str(exc):  # safetensors does not set filename
+            missing = declared
+        if not isinstance(missing, (str, os.PathLike)) or os.path.isabs(os.fspath(missing)):
+            return ""
+        return (f" (a relative path in load() is taken from the working directory, "
+                f"{os.getcwd()}; use self.resolve({os.fspath(missing)!r}) to take it next to "
+                "the adapter's file, as the trace cache does)")
 
     def _intervention_context(self, model: Any, intervention: Any
                               ) -> contextlib.AbstractContextManager[Any]:
@@ -544,26 +625,41 @@ class ModelSession:
 def extract_traces(adapter: Any, *, device: Any = None, progress: bool | str = "auto",
                    autocast: str | None = None, cache: bool = True,
                    cache_dir: str | os.PathLike[str] | None = None,
-                   stream: TextIO | None = None) -> TraceSet:
-    """Extract (or fetch from the cache) the validated TraceSet of a model adapter."""
+                   stream: TextIO | None = None,
+                   on_session: Callable[[ModelSession], None] | None = None) -> TraceSet:
+    """Extract (or fetch from the cache) the validated TraceSet of a model adapter.
+
+    ``on_session`` is called with the session once the traces exist, so a caller can report
+    ``session.cache_report()`` without managing the session itself.
+    """
     with ModelSession(adapter, device=device, autocast=autocast, cache=cache,
                       cache_dir=cache_dir, progress=progress, stream=stream) as session:
-        return session.traces()
+        traces = session.traces()
+        if on_session is not None:
+            on_session(session)
+        return traces
+
+
+def _short(key: CacheKey) -> str:
+    return key.digest[:SHORT_KEY] + "…"
 
 
 def traces_from_adapter(obj: Any, *, device: str | None = None, progress: bool | str = True,
                         autocast: str | None = None, cache: bool = True,
-                        cache_dir: str | os.PathLike[str] | None = None) -> list[TraceSet]:
+                        cache_dir: str | os.PathLike[str] | None = None,
+                        on_session: Callable[[ModelSession], None] | None = None
+                        ) -> list[TraceSet]:
     """Turn any registered adapter into a list of validated TraceSets.
 
     Model adapters go through :func:`routeaudit.model.extract.extract_traces` (device, bf16
-    autocast, progress, and the content-addressed cache unless ``cache=False``).
+    autocast, progress, and the content-addressed cache unless ``cache=False``);
+    ``on_session`` sees their :class:`ModelSession` (for ``cache_report()``).
     """
     if isinstance(obj, type) and issubclass(obj, Adapter):
         obj = obj()
     if isinstance(obj, Adapter):
         return [extract_traces(obj, device=device, progress=progress, autocast=autocast,
-                               cache=cache, cache_dir=cache_dir)]
+                               cache=cache, cache_dir=cache_dir, on_session=on_session)]
     if hasattr(obj, "traces") and callable(obj.traces):
         result = obj.traces()
     elif callable(obj):

@@ -8,6 +8,7 @@ can re-run the model; every other adapter is turned into TraceSets by the one di
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,14 +50,26 @@ def load_target(path: str, config: Config, modules: dict[str, Any]) -> Target:
         if isinstance(found, Adapter) or (isinstance(found, type) and issubclass(found, Adapter)):
             # a model adapter: keep the session, causal audits run extra passes through it
             session = ModelSession(found, progress=not options.quiet, **extraction)
-            return Target(path, [session.traces()], calibrator, session)
-        traces = traces_from_adapter(found, progress=not options.quiet, **extraction)
+            traces = session.traces()
+            say_cache(path, session, options)
+            return Target(path, [traces], calibrator, session)
+        traces = traces_from_adapter(found, progress=not options.quiet,
+                                     on_session=lambda s: say_cache(path, s, options),
+                                     **extraction)
         return Target(path, traces, calibrator)
     if p.is_dir() or p.suffix == ".npz":
         if not p.exists():
             raise UsageError(f"target not found: {path}")
         return Target(path, [TraceSet.load(p)])
     raise UsageError(f"target {path!r} is not an adapter .py file, a trace directory or a .npz")
+
+
+def say_cache(path: str, session: ModelSession, options: Any) -> None:
+    """One line on stderr: were the traces reused from the cache, or extracted (and, with
+    ``-v``, what changed since the last cached extraction)?"""
+    if not getattr(options, "quiet", 0):
+        verbose = getattr(options, "verbose", 0) > 0
+        print(f"{path}: {session.cache_report(verbose=verbose)}", file=sys.stderr)
 
 
 def file_calibrator(path: str, module: Any, config: Config) -> Any:
