@@ -23,6 +23,7 @@ from routeaudit.errors import (
     AdapterError,
     AuditError,
     RouteAuditError,
+    TraceFileError,
     TraceValidationError,
     UsageError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "SeedTally",
     "Status",
     "TraceAdapter",
+    "TraceFileError",
     "TraceMeta",
     "TraceSet",
     "TraceValidationError",

@@ -143,6 +143,9 @@ def build_parser(*, early: bool = False) -> Parser:
                          add_help=not early)
     ext.add_argument("targets", nargs="*" if early else 1, metavar="ADAPTER")
     ext.add_argument("-o", "--output", required=not early, help="trace directory to write")
+    ext.add_argument("--force", action="store_true",
+                     help="replace OUTPUT if it is a trace directory routeaudit wrote before "
+                          "(anything else is never deleted or overwritten)")
     ext.add_argument("--device", default=None)
     add_extraction_options(ext)
     ext.add_argument("-q", "--quiet", action="count", default=0)
@@ -164,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         silence_stdout()
         return int(ExitCode.OK)
     except TraceValidationError as exc:
-        print(f"routeaudit: invalid traces: {exc}", file=sys.stderr)
+        say(f"routeaudit: invalid traces: {exc}")
         return int(ExitCode.USAGE_ERROR)
     except RouteAuditError as exc:
-        print(f"routeaudit: error: {exc}", file=sys.stderr)
+        say(f"routeaudit: error: {exc}")
         return int(ExitCode.USAGE_ERROR)
     except SystemExit as exc:  # argparse
         return int(exc.code) if isinstance(exc.code, int) and exc.code != 2 else int(
@@ -176,6 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print("routeaudit: internal error (please report it)", file=sys.stderr)
         return int(ExitCode.INTERNAL_ERROR)
+
+
+def say(text: str) -> None:
+    """A message on stderr that cannot fail: a file name that is not UTF-8 (a lone
+    surrogate) is shown escaped instead of raising UnicodeEncodeError."""
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding), file=sys.stderr)
 
 
 def split_plugin_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -303,10 +313,10 @@ def _extract(options: argparse.Namespace, modules: dict[str, Any]) -> int:
                                  on_session=lambda s: say_cache(target, s, options))
     out = Path(options.output)
     if len(traces) == 1:
-        traces[0].save(out)
+        traces[0].save(out, force=options.force)
         print(f"wrote {traces[0]!r} to {out}")
     else:
         for i, ts in enumerate(traces):
-            ts.save(out / f"replicate-{i}")
+            ts.save(out / f"replicate-{i}", force=options.force)
         print(f"wrote {len(traces)} replicates to {out}")
     return int(ExitCode.OK)

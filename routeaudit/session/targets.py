@@ -57,11 +57,9 @@ def load_target(path: str, config: Config, modules: dict[str, Any]) -> Target:
                                      on_session=lambda s: say_cache(path, s, options),
                                      **extraction)
         return Target(path, traces, calibrator)
-    if p.is_dir() or p.suffix == ".npz":
-        if not p.exists():
-            raise UsageError(f"target not found: {path}")
-        return Target(path, [TraceSet.load(p)])
-    raise UsageError(f"target {path!r} is not an adapter .py file, a trace directory or a .npz")
+    # anything else is traces: TraceSet.load names the file and says what it expected
+    # (a missing path, a dangling link, a .npy or a text file included)
+    return Target(path, [TraceSet.load(p)])
 
 
 def say_cache(path: str, session: ModelSession, options: Any) -> None:
