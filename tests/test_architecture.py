@@ -225,3 +225,14 @@ def test_every_methods_citation_names_a_section_that_exists():
     assert cited, "the code cites docs/methods.md"
     missing = {ref: names for ref, names in cited.items() if ref not in sections}
     assert not missing, f"citations of sections docs/methods.md does not have: {missing}"
+
+
+def test_every_package_is_in_the_regular_install():
+    """pyproject lists packages by hand: a sub-package missing there works in an editable
+    install and is absent from a wheel."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {name for name, path in modules().items() if path.name == "__init__.py"}
+    assert found <= listed, f"missing from pyproject's packages: {sorted(found - listed)}"
