@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from routeaudit.cli import main
@@ -39,6 +42,13 @@ def test_a_previous_report_is_replaced_and_no_temporary_file_is_left(npz, tmp_pa
     assert main(["run", npz, *FAST, option, str(out), "--seeds", "1"]) in (0, 1)
     assert out.read_bytes() != first
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.out"]
+
+
+def test_a_report_is_readable_like_any_file_the_user_writes(tmp_path):
+    target = write_atomic(tmp_path / "r.json", "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
 
 
 def test_a_directory_is_not_a_report_path(tmp_path):

@@ -10,10 +10,10 @@ an interrupted run leaves either the old report or the new one, never half of on
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from routeaudit.errors import UsageError
+from routeaudit.traces.writing import _new_private_file
 
 #: The first bytes that mark a file as one routeaudit wrote, per report kind.
 MARKERS = {
@@ -49,7 +49,9 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    # the traces' own temp-file maker: a unique name, and the permissions of a normal file
+    # (mkstemp's 0600 would leave a report only its writer can read)
+    fd, tmp = _new_private_file(target.parent, f".{target.name}.")
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
