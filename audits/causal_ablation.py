@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from routeaudit import metrics
+import routeaudit.metrics as metrics
 from routeaudit.audit import AuditContext, BaseAudit
 from routeaudit.hookspecs import hookimpl
 from routeaudit.model.intervention import RoutingIntervention

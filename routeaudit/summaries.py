@@ -22,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from routeaudit import metrics
+import routeaudit.metrics as metrics
 from routeaudit.errors import UsageError
 from routeaudit.traces import TraceSet
 

@@ -62,9 +62,13 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[tuple[str, int]]:
                 base = ".".join([*anchor, base] if base else anchor)
             if base.split(".")[0] != "routeaudit":
                 return
+            # ``from P import N`` runs P's __init__ first, whatever N is, so it depends on P
+            # (``from routeaudit import metrics`` imports the package root)
+            found.add((_nearest(base, known), node.lineno))
             for alias in node.names:
                 full = f"{base}.{alias.name}"
-                found.add((full if full in known else _nearest(base, known), node.lineno))
+                if full in known:
+                    found.add((full, node.lineno))
         for child in ast.iter_child_nodes(node):
             visit(child)
 
@@ -178,9 +182,14 @@ def test_the_walker_sees_lazy_and_relative_imports(tmp_path):
     (pkg / "a.py").write_text("def f():\n    from routeaudit import b\n")
     (pkg / "b.py").write_text("from . import a\nfrom typing import TYPE_CHECKING\n"
                               "if TYPE_CHECKING:\n    from routeaudit import c\n")
+    (pkg / "c.py").write_text("import routeaudit.a as a\n")
     known = {"routeaudit", "routeaudit.a", "routeaudit.b", "routeaudit.c"}
-    assert {t for t, _ in imports_of("routeaudit.a", pkg / "a.py", known)} == {"routeaudit.b"}
-    assert {t for t, _ in imports_of("routeaudit.b", pkg / "b.py", known)} == {"routeaudit.a"}
+    # `from routeaudit import b` runs the package root too
+    assert {t for t, _ in imports_of("routeaudit.a", pkg / "a.py", known)} == {
+        "routeaudit", "routeaudit.b"}
+    assert {t for t, _ in imports_of("routeaudit.b", pkg / "b.py", known)} == {
+        "routeaudit", "routeaudit.a"}
+    assert {t for t, _ in imports_of("routeaudit.c", pkg / "c.py", known)} == {"routeaudit.a"}
 
 
 def _fresh(code: str) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from routeaudit import metrics
+import routeaudit.metrics as metrics
 from routeaudit.errors import UsageError
 from routeaudit.summaries import FeatureCache, SummaryRegistry
 from routeaudit.traces import TraceSet

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from routeaudit import metrics
+import routeaudit.metrics as metrics
 
 #: The metric the decision rule compares (its paired bootstrap is computed per seed).
 HEADLINE = "worst_tertile_ece"

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from routeaudit import metrics
+import routeaudit.metrics as metrics
 from routeaudit.audit import AuditContext, SeedData
 from routeaudit.calibration.controls import (
     CANDIDATE,

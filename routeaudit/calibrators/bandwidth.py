@@ -30,7 +30,7 @@ import re
 
 import numpy as np
 
-from routeaudit import metrics
+import routeaudit.metrics as metrics
 from routeaudit.calibrators.kde import (
     _binned_finish,
     _exact_predict,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from routeaudit import metrics
+import routeaudit.metrics as metrics
 from routeaudit.calibrators.base import NotFittedError, clone, params_equal, spec_of
 
 N_LOGITS = 5

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from routeaudit import metrics
+import routeaudit.metrics as metrics
 from routeaudit.calibrators.base import BaseCalibrator, calibrator
 
 

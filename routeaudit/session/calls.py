@@ -86,10 +86,13 @@ class HookCaller:
     :class:`PluginFailure` and the others still run (pluggy itself stops at the first)."""
 
     def __init__(self, pm: pluggy.PluginManager, failures: list[PluginFailure],
-                 reraise: tuple[type[BaseException], ...] = ()) -> None:
+                 reraise: tuple[type[BaseException], ...] = (),
+                 on_failure: Callable[[PluginFailure], None] | None = None) -> None:
         self.pm = pm
         self.failures = failures
         self.reraise = reraise
+        #: called with each new failure as it happens (before the next implementation runs)
+        self.on_failure = on_failure
 
     def call(self, hook_name: str, *, firstresult: bool = False, **kwargs: Any) -> Any:
         """Like ``pm.hook.<hook_name>(**kwargs)``: a list of non-None results in pluggy's
@@ -123,3 +126,5 @@ class HookCaller:
                 failure.count += 1
                 return
         self.failures.append(PluginFailure(plugin, hook, info))
+        if self.on_failure is not None:
+            self.on_failure(self.failures[-1])

@@ -20,7 +20,7 @@ from types import ModuleType
 
 import pluggy
 
-from routeaudit import hookspecs
+import routeaudit.hookspecs as hookspecs
 from routeaudit.errors import AdapterError, UsageError
 from routeaudit.session.calls import CallInfo, PluginFailure
 

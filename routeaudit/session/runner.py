@@ -261,15 +261,12 @@ def render(config: Config, report: Report) -> None:
     """Hand the report to every reporter, one at a time. A reporter that raises becomes an
     ``error`` row of the report the later reporters render (user plugins run before the
     built-in terminal, JSON, JUnit and HTML reporters, so those show it)."""
-    failures: list[PluginFailure] = []
-    impls = config.pluginmanager.hook.routeaudit_report.get_hookimpls()
-    for impl in reversed(impls):
-        info = CallInfo.from_call(lambda impl=impl: impl.function(
-            **{name: {"config": config, "report": report}[name] for name in impl.argnames}),
-            "hook routeaudit_report")
-        if info.failed:
-            failures.append(PluginFailure(impl.plugin_name, "routeaudit_report", info))
-            report.verdicts.insert(0, failures[-1].verdict())
-            report.summary = Summary.of(report.verdicts)
-            report.exit_code = int(exit_code_for(
-                report.verdicts, inconclusive_fails=config.options.inconclusive == "fail"))
+
+    def add_row(failure: PluginFailure) -> None:
+        report.verdicts.insert(0, failure.verdict())
+        report.summary = Summary.of(report.verdicts)
+        report.exit_code = int(exit_code_for(
+            report.verdicts, inconclusive_fails=config.options.inconclusive == "fail"))
+
+    HookCaller(config.pluginmanager, [], on_failure=add_row).call(
+        "routeaudit_report", config=config, report=report)

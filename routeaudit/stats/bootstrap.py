@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+import routeaudit.stats._backend as _backend
 from routeaudit.metrics import bin_indices
-from routeaudit.stats import _backend
 from routeaudit.stats._backend import DeviceLike
 from routeaudit.stats.gaps import batched_weighted_gap, check_cells
 from routeaudit.stats.rng import as_generator

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from routeaudit.stats import _backend
+import routeaudit.stats._backend as _backend
 from routeaudit.stats._backend import DeviceLike
 from routeaudit.stats.gaps import check_cells, gap_from_cells, quantise, scale_exponent
 from routeaudit.stats.rng import as_generator
