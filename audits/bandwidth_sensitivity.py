@@ -4,7 +4,9 @@ For a calibrator exposing ``sensitivity_grid()`` (Nadaraya–Watson: Scott × {0
 4}, CV-NLL, the global-ECE oracle), the verdicts of the gain audits (capacity, shuffle,
 probes: those of :data:`RERUNS` that this run collected) are recomputed with the candidate
 *and its controls* at each setting. The claim holds when no pass/fail flips relative to the
-calibrator as registered. Calibrators without a grid are skipped with the reason.
+calibrator as registered: a setting that turns a pass into a fail (or back) refutes it; one
+that only moves a verdict to or from ``inconclusive`` (a change of power, not of direction)
+makes the verdict inconclusive. Calibrators without a grid are skipped with the reason.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from routeaudit.verdict import Status, Verdict
 #: The audits whose verdicts are recomputed at every bandwidth, found by name through the
 #: run's collected audits: blocking one (``-p no:capacity_control``) removes it here too.
 RERUNS = ("capacity_control", "shuffled_profile", "baseline_gain")
+#: A flip between these two is a change of direction; to or from inconclusive is not.
+DIRECTIONS = {"pass", "fail"}
 
 
 class BandwidthSensitivityAudit(BaseAudit):
@@ -59,10 +63,13 @@ class BandwidthSensitivityAudit(BaseAudit):
             if setting is None:
                 baseline = statuses
                 continue
-            flips = sorted(k for k, v in statuses.items() if v != baseline.get(k))
+            flips = sorted(k for k, v in statuses.items() if {v, baseline.get(k)} == DIRECTIONS)
+            shifts = sorted(k for k, v in statuses.items()
+                            if v != baseline.get(k) and k not in flips)
             rows.append({"setting": f"{setting[0]}={setting[1]}", "statuses": statuses,
-                         "flips": flips})
+                         "flips": flips, "shifts": shifts})
         flipped = [r for r in rows if r["flips"]]
+        shifted = [r for r in rows if r["shifts"]]
         threshold = {"grid": [f"{n}={v}" for n, v in settings], "rule": "no pass/fail flips",
                      "audits": [a.name for a in audits]}
         base = ", ".join(f"{k} {v}" for k, v in baseline.items())
@@ -73,6 +80,13 @@ class BandwidthSensitivityAudit(BaseAudit):
             return [ctx.verdict(self, cell, Status.FAIL,
                                 f"verdicts depend on the bandwidth (as registered: {base}); "
                                 f"{detail}", effect=float(len(flipped)), **common)]
+        if shifted:
+            detail = "; ".join(f"{r['setting']}: " + ", ".join(
+                f"{k} {r['statuses'][k]}" for k in r["shifts"]) for r in shifted)
+            return [ctx.verdict(self, cell, Status.INCONCLUSIVE,
+                                f"no pass/fail flip, but the evidence is not decisive at every "
+                                f"setting (as registered: {base}); {detail}",
+                                effect=0.0, **common)]
         return [ctx.verdict(self, cell, Status.PASS,
                             f"no verdict flips across {len(rows)} settings ({base})",
                             effect=0.0, **common)]

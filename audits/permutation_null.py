@@ -6,6 +6,9 @@ comes from permuting S within each confidence bin, which keeps confidence, corre
 every stratum size and only breaks the routing ↔ correctness link at matched confidence.
 p-values are Holm-corrected across the summaries tested, separately in each seed, and the
 claim passes only if it is rejected in every seed (``--stability majority`` relaxes this).
+A test that does not reject is not a refutation: the claim fails only when the excess gap
+(pooled over seeds, :mod:`routeaudit.stats.excess`) is shown below ``--gap-margin``, and is
+``inconclusive`` otherwise, with about how much more data would decide (§5.2).
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from routeaudit.audit import AuditContext, BaseAudit, SeedOutcome, SeedTally
+from routeaudit.audit import AuditContext, BaseAudit
 from routeaudit.hookspecs import hookimpl
-from routeaudit.stats import PermutationResult, holm, within_bin_permutation_test
-from routeaudit.verdict import Verdict
+from routeaudit.simulation.plan import PlantedCases, matched_cases
+from routeaudit.stats import holm, stable
+from routeaudit.stats.evidence import Evidence, p_text, scale_text
+from routeaudit.stats.excess import MatchedExcess, Undecided, excess_row, pooled_excess
+from routeaudit.stats.seeds import need_text
+from routeaudit.verdict import Status, Verdict
 
 
 class PermutationNullAudit(BaseAudit):
@@ -30,65 +37,73 @@ class PermutationNullAudit(BaseAudit):
     def cells(self, ctx: AuditContext) -> list[dict[str, Any]]:
         return ctx.summary_cells()
 
+    def planted_cases(self) -> PlantedCases:
+        return matched_cases()
+
     def run(self, ctx: AuditContext, cells: list[dict[str, Any]]) -> list[Verdict]:
-        # results[cell][seed]: the test, or why the summary cannot carry signal
-        results = [[self._test(ctx, cell["summary"], seed) for seed in ctx.seeds]
-                   for cell in cells]
-        raw = np.array([[r.p_value if isinstance(r, PermutationResult) and np.isfinite(r.statistic)
-                         else np.nan for r in row] for row in results],
+        s = ctx.settings
+        # rows[cell][seed]: the test and excess gap, or why the summary cannot carry signal
+        rows = [[ctx.matched_excess(cell["summary"], seed) for seed in ctx.seeds]
+                for cell in cells]
+        raw = np.array([[r.test.p_value if isinstance(r, MatchedExcess) and r.usable
+                         else np.nan for r in row] for row in rows],
                        dtype=float).reshape(len(cells), -1)
         corrected = np.column_stack([holm(raw[:, j]) for j in range(raw.shape[1])]) \
             if raw.size else raw
-        return [self._verdict(ctx, cell, results[i], raw[i], corrected[i])
+        pooled = [pooled_excess(row) for row in rows]
+        decidable = [i for i, ev in enumerate(pooled) if isinstance(ev, Evidence)]
+        below = dict(zip(decidable, holm([pooled[i].p_below(s.gap_margin)  # type: ignore[union-attr]
+                                          for i in decidable]), strict=True))
+        return [self._verdict(ctx, cell, rows[i], raw[i], corrected[i], pooled[i],
+                              float(below.get(i, np.nan)))
                 for i, cell in enumerate(cells)]
 
-    def _test(self, ctx: AuditContext, summary: str, seed: Any) -> PermutationResult | str:
+    def _verdict(self, ctx: AuditContext, cell: dict[str, Any], rows: list[Any],
+                 raw: np.ndarray, corrected: np.ndarray, ev: Evidence | Undecided,
+                 p_below: float) -> Verdict:
         s = ctx.settings
-        part = seed.matched(summary, s)
-        if part.no_variation:
-            return part.no_variation
-        return within_bin_permutation_test(
-            *part.cells(), n_bins=part.n_bins, n_strata=part.n_strata,
-            n_permutations=s.n_permutations, min_count=s.min_count,
-            rng=ctx.rng(self.name, summary, seed.seed), sequential_h=s.sequential_h,
-            device=s.device)
-
-    def _verdict(self, ctx: AuditContext, cell: dict[str, Any], row: list[Any],
-                 raw: np.ndarray, corrected: np.ndarray) -> Verdict:
-        s = ctx.settings
-        outcomes = []
-        for seed, result, p, pc in zip(ctx.seeds, row, raw, corrected, strict=True):
-            if isinstance(result, str):
-                outcomes.append(SeedOutcome(seed.seed, holds=False, reason=result,
-                                            premise_violated=True))
-                continue
-            details = dict(statistic=result.statistic, null_mean=result.null_mean,
-                           null_sd=result.null_sd, p_value=float(p), p_value_corrected=float(pc),
-                           n_permutations=result.n_permutations,
-                           stopped_early=result.stopped_early, rejects=bool(pc <= s.alpha))
-            undecided = not np.isfinite(p)
-            outcomes.append(SeedOutcome(
-                seed.seed, holds=None if undecided else bool(pc <= s.alpha),
-                effect=result.statistic - result.null_mean, p_value=float(p),
-                p_value_corrected=float(pc), details=details,
-                reason=(f"too little data: no confidence bin has ≥ 2 strata with ≥ "
-                        f"{s.min_count} examples in some seed") if undecided else None))
-
-        def passed(t: SeedTally) -> str:
-            ps = ", ".join(f"{o.p_value_corrected:.3g}" for o in t.outcomes)
-            return (f"rejects the within-bin null in {t.holds}/{t.n} seeds "
-                    f"(Holm p: {ps} ≤ {s.alpha}); mean excess gap {t.mean_effect():.4f}")
-
-        def failed(t: SeedTally) -> str:
-            ps = ", ".join(f"{o.p_value_corrected:.3g}" for o in t.outcomes)
-            return (f"rejects in only {t.holds}/{t.n} seeds (Holm p: {ps}; needs ≤ {s.alpha} "
-                    f"in {t.need}): no stable signal beyond confidence")
-
-        return ctx.verdict_from_seeds(
-            self, cell, outcomes, statistic="weighted gap minus its within-bin null mean",
-            threshold={"alpha": s.alpha, "correction": "holm across summaries",
-                       "stability": s.stability, "permutations": s.n_permutations},
-            passed=passed, failed=failed)
+        threshold = {"alpha": s.alpha, "correction": "holm across summaries",
+                     "stability": s.stability, "permutations": s.n_permutations,
+                     "margin": s.gap_margin, "interval_level": 1 - 2 * s.alpha}
+        per_seed = []
+        for seed, row, p, pc in zip(ctx.seeds, rows, raw, corrected, strict=True):
+            entry = {"seed": seed.seed, **excess_row(row, s.alpha)}
+            if isinstance(row, MatchedExcess) and row.usable:
+                entry.update(p_value=float(p), p_value_corrected=float(pc),
+                             rejects=bool(pc <= s.alpha))
+            per_seed.append(entry)
+        common = dict(statistic="weighted gap minus its within-bin null mean",
+                      threshold=threshold, per_seed=per_seed)
+        if isinstance(ev, Undecided):
+            return ctx.verdict(self, cell, Status.FAIL if ev.premise_violated
+                               else Status.INCONCLUSIVE, ev.reason, **common)
+        rejects = [bool(pc <= s.alpha) for pc in corrected]
+        ps = ", ".join(p_text(float(pc)) for pc in corrected)
+        lo, hi = ev.interval(s.alpha)
+        level = f"{100 * (1 - 2 * s.alpha):g}%"
+        excess = f"pooled excess gap {ev.estimate:+.4f}, {level} interval [{lo:+.4f}, {hi:+.4f}]"
+        n_eval = int(ctx.seeds[0].eval_index.size)
+        if p_below <= s.alpha:
+            status = Status.FAIL
+            reason = (f"no signal beyond confidence worth the name: {excess} lies below the "
+                      f"margin {s.gap_margin:g} (Holm p {p_text(p_below)}); the within-bin null "
+                      f"is rejected in {sum(rejects)}/{len(rejects)} seeds (Holm p: {ps})")
+        elif stable(rejects, s.stability):
+            status = Status.PASS
+            reason = (f"rejects the within-bin null in {sum(rejects)}/{len(rejects)} seeds "
+                      f"(Holm p: {ps} ≤ {s.alpha}); {excess}")
+        else:
+            status = Status.INCONCLUSIVE
+            reason = (f"rejects the within-bin null in {sum(rejects)}/{len(rejects)} seeds "
+                      f"(Holm p: {ps}; a pass needs ≤ {s.alpha} in {need_text(s.stability)}), "
+                      f"and the excess is not shown below the margin {s.gap_margin:g} "
+                      f"({excess}, p {p_text(p_below)}); "
+                      + scale_text(ev, s.gap_margin, s.alpha, n_eval))
+        reduce = np.max if s.stability == "all" else np.median
+        return ctx.verdict(self, cell, status, reason, effect=ev.estimate, ci=(lo, hi),
+                           p_value=float(reduce(raw)), p_value_corrected=float(reduce(corrected)),
+                           evidence=ev.as_dict(s.gap_margin, s.alpha) |
+                           {"p_below_margin_holm": p_below}, **common)
 
 
 @hookimpl

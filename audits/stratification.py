@@ -1,12 +1,16 @@
-"""Audit: matched-confidence stratification (docs/methods.md §2.4).
+"""Audit: matched-confidence stratification (docs/methods.md §2.4, §5.2).
 
 Within each confidence bin, examples are split into routing strata (tertiles of the summary
 inside the bin by default, ``--strata global`` for global tertiles) and the signed
 calibration gaps of the strata are compared. The max-minus-min gap is positive even when
 routing carries nothing, so the claim is judged on the *excess* of the weighted gap over its
-expectation under the within-bin null (the mean of the permutation distribution). Its
-interval comes from a bootstrap over evaluation examples whose spread is reflected around
-the excess; the bias is corrected once, by the null mean (see :func:`excess_interval`).
+expectation under the within-bin null (the mean of the permutation distribution), with a
+bootstrap variance over evaluation examples (:mod:`routeaudit.stats.excess`).
+
+The seeds' excesses are pooled (:mod:`routeaudit.stats.evidence`) and two one-sided tests,
+Holm-corrected across the summaries tested, decide: ``pass`` when the excess is shown
+positive (and positive in every seed), ``fail`` when it is shown below ``--gap-margin``,
+``inconclusive`` otherwise, with about how much more data would decide.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from routeaudit.audit import AuditContext, BaseAudit, SeedOutcome, SeedTally
+from routeaudit.audit import AuditContext, BaseAudit
 from routeaudit.hookspecs import hookimpl
-from routeaudit.stats import bootstrap_gap, gap_statistics, seed_summary, within_bin_permutation_test
-from routeaudit.verdict import Verdict
+from routeaudit.simulation.plan import PlantedCases, matched_cases
+from routeaudit.stats import holm, seed_summary
+from routeaudit.stats.evidence import Evidence, outcome, p_text, scale_text
+from routeaudit.stats.excess import MatchedExcess, Undecided, excess_row, pooled_excess
+from routeaudit.verdict import Status, Verdict
 
 
 class StratificationAudit(BaseAudit):
@@ -32,83 +39,69 @@ class StratificationAudit(BaseAudit):
     def cells(self, ctx: AuditContext) -> list[dict[str, Any]]:
         return ctx.summary_cells()
 
+    def planted_cases(self) -> PlantedCases:
+        return matched_cases()
+
     def run(self, ctx: AuditContext, cells: list[dict[str, Any]]) -> list[Verdict]:
-        return [self._one(ctx, cell) for cell in cells]
-
-    def _one(self, ctx: AuditContext, cell: dict[str, Any]) -> Verdict:
         s = ctx.settings
-        summary = cell["summary"]
-        outcomes: list[SeedOutcome] = []
-        for seed in ctx.seeds:
-            outcome = self._seed(ctx, summary, seed)
-            outcomes.append(outcome)
-            if outcome.holds is None or outcome.premise_violated:
-                break  # the verdict is decided: nothing the other seeds say changes it
+        seeds = {id(cell): [ctx.matched_excess(cell["summary"], seed) for seed in ctx.seeds]
+                 for cell in cells}
+        pooled = {key: pooled_excess(rows) for key, rows in seeds.items()}
+        decidable = [c for c in cells if isinstance(pooled[id(c)], Evidence)]
+        p_pos = dict(zip([id(c) for c in decidable],
+                         holm([pooled[id(c)].p_positive() for c in decidable]), strict=True))
+        p_below = dict(zip([id(c) for c in decidable],
+                           holm([pooled[id(c)].p_below(s.gap_margin) for c in decidable]),
+                           strict=True))
+        out = []
+        for cell in cells:
+            ev = pooled[id(cell)]
+            if isinstance(ev, Undecided):
+                status = Status.FAIL if ev.premise_violated else Status.INCONCLUSIVE
+                out.append(ctx.verdict(self, cell, status, ev.reason,
+                                       per_seed=per_seed_rows(ctx, seeds[id(cell)], s.alpha),
+                                       threshold=self.threshold(ctx)))
+                continue
+            out.append(self._verdict(ctx, cell, seeds[id(cell)], ev,
+                                     float(p_pos[id(cell)]), float(p_below[id(cell)])))
+        return out
 
-        def text(t: SeedTally) -> str:
-            entries = [o.details for o in t.outcomes]
-            wg = seed_summary([e["weighted_gap"] for e in entries])
-            mg = seed_summary([e["max_gap"] for e in entries])
-            lo = min(e["ci"][0] for e in entries)
-            hi = max(e["ci"][1] for e in entries)
-            gaps = (f"weighted gap {wg['mean']:.4f} ± {_sd(wg)}, max gap {mg['mean']:.4f} ± "
-                    f"{_sd(mg)} over {t.n} seeds")
-            if t.passed:
-                return (f"excess over the null holds in {t.holds}/{t.n} seeds "
-                        f"(lowest CI bound {lo:.4f} > 0); {gaps}")
-            return (f"excess over the null holds in only {t.holds}/{t.n} seeds (mean excess "
-                    f"{t.mean_effect():.4f}, CI envelope [{lo:.4f}, {hi:.4f}]); {gaps}")
-
-        return ctx.verdict_from_seeds(
-            self, cell, outcomes, statistic="weighted gap minus within-bin null mean",
-            threshold={"excess_ci_low": "> 0", "level": 1 - s.alpha, "stability": s.stability,
-                       "bins": s.n_bins, "bin_strategy": s.bin_strategy, "strata": s.n_strata,
-                       "min_count": s.min_count},
-            passed=text, failed=text)
-
-    def _seed(self, ctx: AuditContext, summary: str, seed: Any) -> SeedOutcome:
+    def threshold(self, ctx: AuditContext) -> dict[str, Any]:
         s = ctx.settings
-        part = seed.matched(summary, s)
-        if part.no_variation:
-            return SeedOutcome(seed.seed, holds=False, reason=part.no_variation,
-                               premise_violated=True)
-        kw = dict(n_bins=part.n_bins, n_strata=part.n_strata, min_count=s.min_count)
-        gaps = gap_statistics(*part.cells(), **kw)
-        if not np.isfinite(gaps.weighted_gap):
-            return SeedOutcome(seed.seed, holds=None, reason=(
-                f"too little data in seed {seed.seed}: no confidence bin has ≥ 2 strata "
-                f"with ≥ {s.min_count} examples"))
-        null = within_bin_permutation_test(
-            *part.cells(), **kw, n_permutations=s.n_permutations, device=s.device,
-            rng=ctx.rng(self.name + ":null", summary, seed.seed))
-        _, _, replicates = bootstrap_gap(*part.cells(), **kw, n_boot=s.n_bootstrap,
-                                         level=1 - s.alpha, device=s.device,
-                                         rng=ctx.rng(self.name + ":boot", summary, seed.seed))
-        excess = gaps.weighted_gap - null.null_mean
-        ci = excess_interval(excess, replicates, 1 - s.alpha)
-        holds = bool(excess > 0 and ci[0] > 0)
-        return SeedOutcome(seed.seed, holds=holds, effect=excess, ci=ci, details={
-            "weighted_gap": gaps.weighted_gap, "max_gap": gaps.max_gap,
-            "null_mean": null.null_mean, "excess": excess, "ci": list(ci),
-            "bins_used": gaps.n_used, "holds": holds})
+        return {"alpha": s.alpha, "margin": s.gap_margin, "interval_level": 1 - 2 * s.alpha,
+                "correction": "holm across summaries", "stability": s.stability,
+                "bins": s.n_bins, "bin_strategy": s.bin_strategy, "strata": s.n_strata,
+                "min_count": s.min_count}
 
-
-def excess_interval(excess: float, replicates: np.ndarray, level: float) -> tuple[float, float]:
-    """Basic-bootstrap interval of the excess, with the bias handled once, by the null mean.
-
-    The max-minus-min gap is biased upward by noise, and resampling inflates that bias again:
-    the replicates sit above the estimate. The excess already removes the bias (it subtracts
-    the within-bin null mean), so only the *spread* of the replicates around their own mean is
-    used, reflected around the excess; reflecting around the raw gap as well would correct the
-    bias twice and make the interval useless.
-    """
-    v = np.asarray(replicates, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if v.size < 2:
-        return (np.nan, np.nan)
-    tail = (1.0 - level) / 2.0
-    lo, hi = np.quantile(v - v.mean(), [tail, 1.0 - tail])
-    return (float(excess - hi), float(excess - lo))
+    def _verdict(self, ctx: AuditContext, cell: dict[str, Any], rows: list[Any], ev: Evidence,
+                 p_pos: float, p_below: float) -> Verdict:
+        s = ctx.settings
+        status = Status(outcome(ev, s.gap_margin, s.alpha, s.stability, p_positive=p_pos,
+                                p_below=p_below))
+        lo, hi = ev.interval(s.alpha)
+        wg = seed_summary([r.weighted_gap for r in rows])
+        mg = seed_summary([r.max_gap for r in rows])
+        level = f"{100 * (1 - 2 * s.alpha):g}%"
+        head = (f"pooled excess {ev.estimate:+.4f}, {level} interval [{lo:+.4f}, {hi:+.4f}], "
+                f"> 0 in {ev.n_positive}/{ev.n_seeds} seeds")
+        gaps = (f"weighted gap {wg['mean']:.4f} ± {_sd(wg)}, max gap {mg['mean']:.4f} ± "
+                f"{_sd(mg)} over {ev.n_seeds} seeds")
+        if status is Status.PASS:
+            reason = f"excess over the within-bin null shown: {head} (Holm p {p_text(p_pos)}); {gaps}"
+        elif status is Status.FAIL:
+            reason = (f"no excess worth the name: {head} lies below the margin "
+                      f"{s.gap_margin:g} (Holm p {p_text(p_below)}); {gaps}")
+        else:
+            reason = (f"not decided: {head}; shown neither > 0 (Holm p {p_text(p_pos)}) nor "
+                      f"below the margin {s.gap_margin:g} (p {p_text(p_below)}); "
+                      + scale_text(ev, s.gap_margin, s.alpha, int(ctx.seeds[0].eval_index.size)))
+        return ctx.verdict(
+            self, cell, status, reason, statistic="weighted gap minus within-bin null mean, "
+            "pooled over seeds", effect=ev.estimate, ci=(lo, hi),
+            p_value=ev.p_below(s.gap_margin) if status is Status.FAIL else ev.p_positive(),
+            p_value_corrected=p_below if status is Status.FAIL else p_pos,
+            threshold=self.threshold(ctx), evidence=ev.as_dict(s.gap_margin, s.alpha),
+            per_seed=per_seed_rows(ctx, rows, s.alpha))
 
 
 def _sd(summary: dict[str, float]) -> str:
@@ -118,3 +111,9 @@ def _sd(summary: dict[str, float]) -> str:
 @hookimpl
 def routeaudit_collect_audits(config: Any) -> list[Any]:
     return [StratificationAudit()]
+
+
+def per_seed_rows(ctx: AuditContext, rows: list[MatchedExcess | str], alpha: float
+                  ) -> list[dict[str, Any]]:
+    return [{"seed": seed.seed, **excess_row(row, alpha)}
+            for seed, row in zip(ctx.seeds, rows, strict=True)]

@@ -8,13 +8,20 @@ Prints, in one run:
    accuracy across global routing tertiles) on the same data: near 1, which is why the tool
    exists;
 3. the stratification audit's false-positive rate (excess-gap CI above 0) on the null;
-4. power against planted routing-conditional miscalibration, over effect size and N.
+4. power against planted routing-conditional miscalibration, over effect size and N;
+5. the three-outcome study (issue [6/9]): for several generators of planted cases
+   (logit-linear, quadratic and step confounding of routing with confidence; 4 routing
+   layers and 10 classes, 6 layers and 3 classes, 2 layers and 2 classes), both audits run
+   as ``routeaudit run`` does (three seeds, pooled decision of docs/methods.md §5.2), with the
+   false-pass rate (planted 0), the false-fail rate (true effect ≥ margin) and the power per
+   planted size, through the machinery of ``routeaudit validate``.
 
 Every rate is of the shipped audits (``PermutationNullAudit.run``, ``StratificationAudit.run``)
 on the context ``routeaudit run`` builds (``AuditContext.for_traces``: the same split,
 summaries, bins and strata), one seed per replicate, so the figures validate the audit itself.
 
-Usage: ``OMP_NUM_THREADS=1 python benchmarks/validity.py [--replicates 500] [--quick]``
+Usage: ``OMP_NUM_THREADS=1 python benchmarks/validity.py [--replicates 500] [--quick]
+[--outcome-replicates 100] [--only outcomes]``
 """
 
 from __future__ import annotations
@@ -28,10 +35,13 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from dataclasses import replace
+
 import numpy as np
 from scipy.stats import beta as beta_dist
 from scipy.stats import chi2_contingency
 
+import routeaudit.session.validate as validate
 from routeaudit.audit import AuditContext, AuditSettings
 from routeaudit.audits.permutation_null import PermutationNullAudit
 from routeaudit.audits.stratification import StratificationAudit
@@ -95,6 +105,50 @@ def rate(flags: list[bool]) -> str:
     return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}] ({k}/{n})"
 
 
+#: The generators of the three-outcome study: (shape, routing layers, classes).
+OUTCOME_CASES = (("logit_linear", 4, 10), ("quadratic", 6, 3), ("step", 2, 2))
+
+
+def outcome_study(replicates: int, n_eval: int, permutations: int, n_boot: int,
+                  cases=OUTCOME_CASES) -> bool:
+    """The three error figures of both matched audits for every generator; True when every
+    bound holds."""
+    from functools import partial
+
+    from routeaudit.simulation.plan import matched_cases
+    from routeaudit.summaries import default_registry
+
+    audits = [PermutationNullAudit(), StratificationAudit()]
+    settings = AuditSettings(n_permutations=permutations, n_bootstrap=n_boot)
+    ok = True
+    for shape, n_layers, n_classes in cases:
+        base = matched_cases()
+        cases_of_shape = replace(base, generate=_named(partial(_planted, shape), shape),
+                                 description=f"{shape} confounding, {n_layers} layers, "
+                                             f"{n_classes} classes")
+        studies = [validate.Study(a.name, cases_of_shape, settings.gap_margin,
+                                  [validate.Row(size) for size in base.effects]) for a in audits]
+        target = {"n": 2 * n_eval, "n_layers": n_layers, "n_classes": n_classes,
+                  "seeds": [0, 1, 2], "calibrator": None}
+        validate.simulate(studies, audits, target, settings, replicates,
+                          summaries=default_registry(), progress=False)
+        for study in studies:
+            ok &= validate.report(study, settings.alpha, replicates)
+    return bool(ok)
+
+
+def _planted(shape: str, effect: float, *, n: int, seed: int, n_layers: int, n_classes: int):
+    from routeaudit.simulation.cases import generate
+
+    return generate(shape, n, effect=effect, seed=20_000 + seed, n_layers=n_layers,
+                    n_classes=n_classes)
+
+
+def _named(fn, shape: str):
+    fn.__name__ = f"planted_{shape}"
+    return fn
+
+
 def null_study(replicates: int, n: int, permutations: int, alpha: float, strat_reps: int):
     perm, naive, strat = [], [], []
     for rep in range(replicates):
@@ -126,10 +180,18 @@ def main() -> None:
     parser.add_argument("--permutations", type=int, default=199)
     parser.add_argument("--alpha", type=float, default=0.05)
     parser.add_argument("--quick", action="store_true", help="100 replicates, small power grid")
+    parser.add_argument("--outcome-replicates", type=int, default=100,
+                        help="replicates per planted size in the three-outcome study")
+    parser.add_argument("--outcome-n", type=int, default=5000,
+                        help="evaluation examples in the three-outcome study")
+    parser.add_argument("--only", choices=["all", "outcomes"], default="all")
     args = parser.parse_args()
     if args.quick:
-        args.replicates, args.power_replicates = 100, 30
+        args.replicates, args.power_replicates, args.outcome_replicates = 100, 30, 20
     started = time.perf_counter()
+    if args.only == "outcomes":
+        outcomes(args, started)
+        return
     print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} (numpy kernels); "
           f"N = {args.n} evaluation examples (2N traces, one 50/50 split per replicate); "
           f"B = {args.permutations}; alpha = {args.alpha}; summary {SUMMARY}; 15 equal-mass bins "
@@ -147,6 +209,15 @@ def main() -> None:
     print("  N \\ effect " + " ".join(f"{e:>6}" for e in effects))
     for n in sizes:
         print(f"  {n:>10} " + " ".join(f"{table[(n, e)]:>6.2f}" for e in effects))
+    outcomes(args, started)
+
+
+def outcomes(args: argparse.Namespace, started: float) -> None:
+    print(f"\nThree outcomes (pooled over 3 seeds; N = {args.outcome_n} evaluation examples; "
+          f"{args.outcome_replicates} replicates per size; permutations {args.permutations}, "
+          f"bootstrap 200; gap margin {AuditSettings().gap_margin}):")
+    ok = outcome_study(args.outcome_replicates, args.outcome_n, args.permutations, 200)
+    print(f"\n{'every bound holds' if ok else 'SOME BOUND IS EXCEEDED'}")
     print(f"\ntotal {time.perf_counter() - started:.1f} s")
 
 

@@ -38,7 +38,9 @@ import numpy as np
 
 from routeaudit.metrics import confidence_and_correct
 from routeaudit.model.adapter import supports_intervention
+from routeaudit.simulation.plan import PlantedCases
 from routeaudit.stats import MatchedPartition, matched_partition, rng_for, stable, stratified_split
+from routeaudit.stats.excess import MatchedExcess, matched_excess
 from routeaudit.stats.seeds import need_text
 from routeaudit.summaries import FeatureCache, SummaryRegistry, default_registry
 from routeaudit.traces import TraceSet
@@ -54,6 +56,7 @@ __all__ = [
     "AuditSettings",
     "BaseAudit",
     "Executor",
+    "PlantedCases",
     "SeedData",
     "SeedOutcome",
     "SeedTally",
@@ -99,6 +102,12 @@ class Audit(Protocol):
     (``bandwidth_sensitivity`` re-runs the gain audits). They are looked up with
     :meth:`AuditContext.audit`, so blocking one with ``-p no:NAME`` removes it here too."""
 
+    def planted_cases(self) -> PlantedCases | str | None:
+        """Optional (default None): synthetic cases with a planted effect of each size, for
+        ``routeaudit validate``, or why the audit cannot be simulated. A plugin can answer
+        for audits it does not own with the ``routeaudit_planted_cases`` hook instead."""
+        ...
+
     def cells(self, ctx: AuditContext) -> list[Cell]:
         """The claims this audit can test on the context's target, each a dict (e.g.
         ``{"summary": "r_agg"}``); ``-k`` selects among them by node id."""
@@ -115,6 +124,7 @@ OPTIONAL_MEMBERS: dict[str, Any] = {
     "routing_aware": False,
     "control_kinds": (),
     "reruns": (),
+    "planted_cases": None,
 }
 
 
@@ -188,6 +198,12 @@ class AuditSettings:
     (``--tertile-summary``; None: the calibrator's first scalar routing feature, else r_agg)."""
     device: str | None = None
     """torch device of the batched kernels (``--device``; None: numpy on the CPU)."""
+    gain_margin: float = 0.005
+    """Practical margin of a calibrator gain, in worst-tertile ECE (``--gain-margin``): a
+    gain shown below it refutes the claim (docs/methods.md §5.2)."""
+    gap_margin: float = 0.01
+    """Practical margin of the excess matched-confidence gap (``--gap-margin``): an excess
+    shown below it refutes "routing carries signal beyond confidence" (§5.2)."""
 
 
 @dataclass
@@ -399,6 +415,21 @@ class AuditContext:
     def audit(self, name: str) -> Any:
         """The collected audit called ``name``, or None (absent, or blocked with ``-p no:``)."""
         return self.audits.get(name)
+
+    def matched_excess(self, summary: str, seed: SeedData) -> MatchedExcess | str:
+        """The permutation test and excess gap of ``summary`` in ``seed`` (memoised, so
+        ``permutation_null`` and ``stratification`` share one computation), or why the
+        summary cannot carry signal (it does not vary)."""
+        key = ("matched_excess", summary, seed.seed)
+        if key not in self.cache:
+            s = self.settings
+            part = seed.matched(summary, s)
+            self.cache[key] = part.no_variation or matched_excess(
+                part, n_permutations=s.n_permutations, n_boot=s.n_bootstrap,
+                min_count=s.min_count, sequential_h=s.sequential_h, device=s.device,
+                rng_null=self.rng("permutation_null", summary, seed.seed),
+                rng_boot=self.rng("matched-excess:bootstrap", summary, seed.seed))
+        return self.cache[key]
 
     # ----------------------------------------------------------------- cells
     def summary_cells(self) -> list[Cell]:

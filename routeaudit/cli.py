@@ -62,6 +62,10 @@ def _non_negative(text: str) -> float:
     return value
 
 
+#: Replicates per planted size of ``validate --quick`` (routeaudit.session.validate.QUICK).
+QUICK_REPLICATES = 25
+
+
 def add_run_options(parser: Parser, *, early: bool = False) -> None:
     """The core options of ``routeaudit run`` (plugins add theirs with ``getgroup``)."""
     parser.add_argument("targets", nargs="*" if early else "+", metavar="TARGET",
@@ -95,12 +99,17 @@ def add_run_options(parser: Parser, *, early: bool = False) -> None:
     st.add_argument("--tv-min", type=_non_negative, default=1e-4, metavar="TV",
                     help="routing whose largest per-layer TV distance from the mean routing is "
                          "below TV is content-independent (1e-4; 0 turns the check off)")
+    st.add_argument("--gap-margin", type=_non_negative, default=0.01, metavar="M",
+                    help="an excess matched-confidence gap shown below M refutes the "
+                         "routing-signal claim (0.01)")
     cal = parser.getgroup("calibrator audits")
     cal.add_argument("--calibrator", metavar="module:factory",
                      help="calibrator factory to audit (a registered name or module:factory)")
     cal.add_argument("--tertile-summary", metavar="NAME", default=None,
                      help="routing summary whose tertiles define worst-tertile ECE (default: the "
                           "calibrator's first scalar routing feature, else r_agg)")
+    cal.add_argument("--gain-margin", type=_non_negative, default=0.005, metavar="M",
+                     help="a gain in worst-tertile ECE shown below M refutes the claim (0.005)")
     ext = parser.getgroup("extraction")
     ext.add_argument("--device", default=None,
                      help="torch device (default: cuda if present, else cpu)")
@@ -137,6 +146,14 @@ def build_parser(*, early: bool = False) -> Parser:
     sub = parser.add_subparsers(dest="command", required=not early, parser_class=Parser)
     add_run_options(sub.add_parser("run", help="run the audit battery on targets",
                                    add_help=not early), early=early)
+    val = sub.add_parser("validate", add_help=not early,
+                         help="simulate the audits' error rates at a target's N, seeds and margins")
+    add_run_options(val, early=early)
+    val.add_argument("--quick", action="store_true",
+                     help=f"{QUICK_REPLICATES} replicates per size, fewer permutations and "
+                          "bootstrap replicates, no calibrator audits (about a minute)")
+    val.add_argument("--replicates", type=_positive, default=None, metavar="R",
+                     help=f"replicates per planted size (default 100; {QUICK_REPLICATES} with --quick)")
     lst = sub.add_parser("audits", help="list the audits that plugins provide", add_help=not early)
     lst.add_argument("targets", nargs="*", metavar="TARGET", help="adapter files whose plugins count")
     ext = sub.add_parser("extract", help="extract traces from an adapter and store them",
@@ -253,6 +270,10 @@ def _main(argv: list[str]) -> int:
     if options.command == "extract":
         return _extract(options, modules)
     caller.call("routeaudit_configure", config=config)
+    if options.command == "validate":
+        from routeaudit.session.validate import run_validation
+
+        return run_validation(config, options.targets, modules)
     from routeaudit.session.runner import run_session
 
     report = run_session(config, options.targets, modules)

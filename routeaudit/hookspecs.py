@@ -24,6 +24,9 @@ Call order in one session::
     routeaudit_verdict                          observe each verdict as it is decided
     routeaudit_report                           render the finished report
     routeaudit_sessionfinish                    clean up; sees the exit status
+
+``routeaudit validate`` calls the same hooks up to ``routeaudit_collect_audits``, then
+``routeaudit_planted_cases`` (first) once per selected audit.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import pluggy
 if TYPE_CHECKING:
     import argparse
 
-    from routeaudit.audit import Audit, Executor
+    from routeaudit.audit import Audit, Executor, PlantedCases
     from routeaudit.session.config import Config
     from routeaudit.summaries import SummaryRegistry
     from routeaudit.traces import TraceSet
@@ -132,3 +135,12 @@ def routeaudit_report(config: Config, report: Report) -> None:
 @hookspec
 def routeaudit_sessionfinish(config: Config, exitstatus: int) -> None:
     """Called once at the very end, with the exit status the process will return."""
+
+
+@hookspec(firstresult=True)
+def routeaudit_planted_cases(audit: Audit, config: Config) -> PlantedCases | str | None:
+    """Planted cases of ``audit`` for ``routeaudit validate``: a
+    :class:`routeaudit.PlantedCases` (a generator of traces with a planted effect of a given
+    size, 0 being the audit's null), or a string saying why this audit cannot be simulated,
+    or None when the plugin does not know the audit. The first non-None answer wins.
+    """

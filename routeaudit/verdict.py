@@ -50,6 +50,9 @@ class Verdict(BaseModel):
     p_value_corrected: float | None = None
     threshold: dict[str, Any] = Field(default_factory=dict)
     per_seed: list[dict[str, Any]] = Field(default_factory=list)
+    evidence: dict[str, Any] = Field(default_factory=dict)
+    """The pooled evidence behind the outcome (estimates, standard errors, one-sided
+    p-values, how much more data would decide): docs/methods.md §5.2."""
     reason: str = ""
     target: str = ""
     traceback: str | None = None

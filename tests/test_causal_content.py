@@ -148,31 +148,50 @@ class Toy(routeaudit.Adapter):
 '''
 
 
-def run_toy(tmp_path, routing_logits):
+def run_toy(tmp_path, routing_logits, *extra):
     path = tmp_path / "toy_adapter.py"
     path.write_text(TOY.format(ROUTING_LOGITS=routing_logits))
     out = tmp_path / "r.json"
     code = main(["run", str(path), "--audit", "causal_ablation", "--bootstrap", "300",
-                 "--no-cache", "--json", str(out), "-q"])
+                 "--no-cache", "--json", str(out), "-q", *extra])
     (verdict,) = json.loads(out.read_text())["verdicts"]
     return code, verdict
 
 
 def test_causal_ablation_reports_mass_without_effect(tmp_path):
-    # most routing mass on the constant source a; all the information is in b
+    # most routing mass on the constant source a; all the information is in b. Masking a
+    # rescales b (the mixture is not normalised here) and *lowers* the NLL, so a holds mass
+    # 0.88 with an effect shown below the margin, and b's effect is shown larger than a's:
+    # both contradictions are shown (2000 examples), so the claim fails, not "inconclusive"
     code, verdict = run_toy(tmp_path, [2.0, 0.0])
-    assert code == 1 and verdict["status"] == "fail"
-    assert "largest-mass slice mlp/early/a" in verdict["reason"]
-    assert "is not the largest-effect slice mlp/" in verdict["reason"]
+    assert code == 1 and verdict["status"] == "fail", verdict["reason"]
+    reason = verdict["reason"]
+    assert reason.startswith("mass and effect dissociate: ")
+    assert "slice mlp/early/b has a larger effect: the top-mass slice mlp/early/a" in reason
+    assert "mlp/early/a holds mass 0.881 ≥ 0.1 but its ΔNLL" in reason
+    assert "is shown below the margin 0.01 nats" in reason
+    assert "equal to 3 decimals" in reason  # early/a and late/a hold the same mass
     rows = {r["slice"]: r for r in verdict["per_seed"]}
     assert rows["mlp/early/a"]["mass"] == pytest.approx(1 / (1 + np.exp(-2.0)), abs=1e-6)
     assert rows["mlp/early/b"]["delta_nll"] > 0.1
+    assert rows["mlp/early/b"]["paired_interval"][1] < 0  # a − b, shown < 0
+    assert rows["mlp/early/a"]["ci"][1] < 0.01 and rows["mlp/early/a"]["top_mass"]
+    assert {"alpha", "mass_min", "nll_margin", "interval_level", "rule"} <= set(verdict["threshold"])
+    assert verdict["threshold"]["interval_level"] == pytest.approx(0.9)
+    assert verdict["evidence"]["top_mass_slices"] == ["mlp/early/a", "mlp/late/a"]
+    assert verdict["effect"] < 0 and verdict["ci"][1] < 0
 
 
 def test_causal_ablation_passes_when_mass_tracks_effect(tmp_path):
     code, verdict = run_toy(tmp_path, [0.0, 3.0])
     assert verdict["status"] == "pass", verdict["reason"]
     assert code == 0
+    assert verdict["ci"][0] > 0 and verdict["evidence"]["p_pass_iut"] <= 0.05
+    # b's ΔNLL (+0.66) is shown below a margin of 0.7 nats: the same data refute that claim
+    code, verdict = run_toy(tmp_path, [0.0, 3.0], "--nll-margin", "0.7")
+    assert code == 1 and verdict["status"] == "fail", verdict["reason"]
+    assert "is shown below the margin 0.7 nats" in verdict["reason"]
+    assert verdict["threshold"]["nll_margin"] == 0.7
 
 
 def test_causal_audits_do_not_apply_to_traces_only(tmp_path):

@@ -50,12 +50,16 @@ def test_planted_passes_with_schema(npz, tmp_path):
     assert all(len(v["per_seed"]) == 3 for v in perm.values())
 
 
-def test_confounded_null_fails(npz, tmp_path):
+def test_confounded_null_is_never_passed_and_is_refuted_at_a_wider_margin(npz, tmp_path):
     code, report = run_json([npz["null"]], tmp_path)
     assert code == 1
     perm = by_audit(report, "permutation_null")
-    assert all(v["status"] == "fail" for v in perm.values())
-    assert report["summary"]["fail"] >= 4
+    assert all(v["status"] == "inconclusive" for v in perm.values())
+    assert all("× the evaluation data" in v["reason"] for v in perm.values())
+    code, report = run_json([npz["null"], "--gap-margin", "0.05"], tmp_path / "wide")
+    perm = by_audit(report, "permutation_null")
+    assert code == 1 and all(v["status"] == "fail" for v in perm.values())
+    assert all("below the margin 0.05" in v["reason"] for v in perm.values())
 
 
 def test_frozen_reports_no_variation(npz, tmp_path):
@@ -225,7 +229,7 @@ def test_audits_lists_claims(capsys):
 
 
 def test_terminal_table_and_summary_line(npz, capsys):
-    main(["run", npz["null"], *FAST, "--audit", "permutation_null"])
+    main(["run", npz["null"], *FAST, "--audit", "permutation_null", "--gap-margin", "0.05"])
     out = capsys.readouterr().out
     assert "FAIL" in out and "p raw / corr" in out
     assert out.strip().splitlines()[-1].startswith("=") and "4 failed" in out

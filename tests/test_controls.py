@@ -9,7 +9,6 @@ from hypothesis import strategies as st
 
 from routeaudit import metrics
 from routeaudit.calibration.controls import Variant, variant_input, within_bin_permutation
-from routeaudit.calibration.decision import GainCheck
 from routeaudit.calibration.features import DERIVED_FEATURES, derived_feature, feature_matrix
 from routeaudit.calibration.scores import full_vector
 from routeaudit.fixtures.synthetic import make_traces
@@ -162,18 +161,3 @@ def test_full_vector_puts_calibrated_value_on_prediction():
     np.testing.assert_allclose(out[[0, 1, 2], [0, 2, 0]], cal)
     np.testing.assert_allclose(out[0, 1:], [0.375, 0.125])  # 0.5 shared 3:1
     np.testing.assert_allclose(out[2, 1:], [0.15, 0.15])  # all-zero rest shared equally
-
-
-@pytest.mark.parametrize(
-    ("gains", "cis", "p", "control", "want"),
-    [
-        ([0.02, 0.03, 0.025], [(0.01, 0.03)] * 3, [0.01] * 3, [0.05, 0.05, 0.052], True),
-        ([0.02, -0.01, 0.025], [(0.01, 0.03)] * 3, [0.01] * 3, [0.05, 0.05, 0.052], False),
-        ([0.02, 0.03, 0.025], [(-0.01, 0.03)] * 3, [0.2] * 3, [0.05, 0.05, 0.052], False),
-        ([0.02, 0.03, 0.025], [(0.01, 0.03)] * 3, [0.01] * 3, [0.01, 0.05, 0.09], False),
-    ],
-)
-def test_gain_decision_rule(gains, cis, p, control, want):
-    check = GainCheck("zeros:x", gains, cis, p, p_corrected=p, candidate=[0.03] * 3,
-                      control_values=control)
-    assert check.decide(0.05, "all")["passed"] is want

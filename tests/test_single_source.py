@@ -113,4 +113,4 @@ def test_validity_benchmark_runs_the_audit_that_routeaudit_run_runs(tmp_path):
             rows["stratification"] == "pass")
         decided.append(rows["permutation_null"])
         assert isinstance(naive_rejects(traces, seed=seed, alpha=0.05), bool)
-    assert decided == ["pass", "fail"]  # both outcomes are exercised
+    assert decided[0] == "pass" and decided[1] != "pass"  # both sides are exercised

@@ -1,7 +1,7 @@
 """The shape shared by the calibrator audits: "the candidate beats these controls".
 
 ``capacity_control``, ``shuffled_profile`` and ``baseline_gain`` differ only in which controls
-a cell compares against; the fitting, the paired bootstrap, the decision rule and the wording
+a cell compares against; the fitting, the paired bootstrap, the pooled decision rule and the wording
 of the verdict live here (and in :mod:`routeaudit.calibration`), once.
 """
 
@@ -12,10 +12,12 @@ from typing import Any
 import numpy as np
 
 from routeaudit.audit import AuditContext, BaseAudit
-from routeaudit.calibration.decision import gain_checks
+from routeaudit.calibration.decision import GainCheck, gain_checks
 from routeaudit.calibration.reasons import describe, label
 from routeaudit.calibration.scores import HEADLINE
 from routeaudit.calibration.study import Setting, Study, resolve_spec, routing_features, study
+from routeaudit.simulation.plan import PlantedCases, calibrator_cases
+from routeaudit.stats import holm
 from routeaudit.verdict import Status, Verdict
 
 
@@ -31,6 +33,9 @@ class GainAudit(BaseAudit):
     kinds: tuple[str, ...] = ()
     #: One cell per routing feature (twins replace that feature) or one for all of them.
     per_feature = True
+
+    def planted_cases(self) -> PlantedCases:
+        return calibrator_cases()
 
     @property
     def control_kinds(self) -> tuple[str, ...]:
@@ -65,27 +70,40 @@ class GainAudit(BaseAudit):
         st = study(ctx, setting)
         pairs = [(cell, control) for cell in cells for control in self.controls_of(cell)]
         checks = gain_checks(st, [control for _, control in pairs], s.alpha)
-        by_cell: dict[int, list[Any]] = {}
+        by_cell: dict[int, list[GainCheck]] = {}
         for (cell, _), check in zip(pairs, checks, strict=True):
             by_cell.setdefault(id(cell), []).append(check)
-        return [self._verdict(ctx, st, cell, by_cell[id(cell)]) for cell in cells]
+        # pass: every control beaten (intersection-union: the largest p), Holm across cells;
+        # fail: any comparison shown below the margin, Holm across all comparisons
+        p_pass = [max(c.evidence.p_positive() for c in by_cell[id(cell)]) for cell in cells]
+        pass_holm = dict(zip([id(c) for c in cells], holm(p_pass), strict=True))
+        below = holm([c.evidence.p_below(s.gain_margin) for c in checks])
+        below_holm = {id(c): float(p) for c, p in zip(checks, below, strict=True)}
+        return [self._verdict(ctx, st, cell, by_cell[id(cell)], float(pass_holm[id(cell)]),
+                              below_holm) for cell in cells]
 
-    def _verdict(self, ctx: AuditContext, st: Study, cell: dict[str, Any], checks: list[Any]
+    def _verdict(self, ctx: AuditContext, st: Study, cell: dict[str, Any],
+                 checks: list[GainCheck], p_pass: float, below_holm: dict[int, float]
                  ) -> Verdict:
         s = ctx.settings
-        decisions = [c.decide(s.alpha, s.stability) for c in checks]
-        # the strongest control: the one the candidate beats by the least
-        weakest = int(np.argmin([c.mean_gain for c in checks]))
-        passed = all(d["passed"] for d in decisions)
-        failing = [i for i, d in enumerate(decisions) if not d["passed"]]
-        # detail the control that matters most (the least-beaten failing one, or the
-        # strongest control when all are beaten); name the other failures
-        lead = min(failing, key=lambda i: checks[i].mean_gain) if failing else weakest
-        reason = describe(checks[lead], decisions[lead], label(checks[lead].control))
-        others = [checks[i].control for i in failing if i != lead]
+        n_eval = int(ctx.seeds[0].eval_index.size) if ctx.seeds else None
+        refuted = [c for c in checks if below_holm[id(c)] <= s.alpha]
+        stable_sign = all(c.evidence.sign_stable(s.stability) for c in checks)
+        if refuted:
+            status = Status.FAIL
+        elif p_pass <= s.alpha and stable_sign:
+            status = Status.PASS
+        else:
+            status = Status.INCONCLUSIVE
+        # the control that matters most: a refuting one, else the least-beaten one
+        pool = refuted or checks
+        lead = min(pool, key=lambda c: c.evidence.estimate)
+        reason = describe(lead, status.value, label(lead.control), alpha=s.alpha,
+                          margin=s.gain_margin, p_positive=p_pass,
+                          p_below=below_holm[id(lead)], n_eval=n_eval)
+        others = [c.control for c in refuted if c is not lead]
         if others:
-            reason += f"; also not beaten: {', '.join(others)}"
-        strongest = checks[weakest]
+            reason += f"; also refuted against: {', '.join(others)}"
         per_seed = []
         for j, seed in enumerate(st.seeds):
             entry: dict[str, Any] = {"seed": seed.seed, "tertile_summary": st.tertile_summary}
@@ -93,20 +111,23 @@ class GainAudit(BaseAudit):
                                 ("raw", "candidate", *[c.control for c in checks])}
             entry["n_parameters"] = {key: seed.n_parameters.get(key) for key in entry["metrics"]}
             entry["gains"] = {c.control: {"gain": c.gains[j], "ci": list(c.cis[j]),
-                                          "p_value": c.p_raw[j],
-                                          "p_value_corrected": c.p_corrected[j]}
+                                          "bootstrap_sd": float(np.sqrt(c.variances[j]))}
                               for c in checks}
             per_seed.append(entry)
         return ctx.verdict(
-            self, cell, Status.PASS if passed else Status.FAIL, reason,
-            statistic=f"{HEADLINE}(strongest control) − {HEADLINE}(candidate)",
-            effect=strongest.mean_gain,
-            ci=(min(lo for lo, _ in strongest.cis), max(hi for _, hi in strongest.cis)),
-            p_value=float(np.max(strongest.p_raw)),
-            p_value_corrected=float(np.max(strongest.p_corrected)),
-            threshold={"metric": HEADLINE, "alpha": s.alpha, "stability": s.stability,
-                       "correction": "holm across the audit's comparisons, per seed",
-                       "band": "mean gain > sd across seeds of the control",
+            self, cell, status, reason,
+            statistic=f"{HEADLINE}(control) − {HEADLINE}(candidate), pooled over seeds",
+            effect=lead.evidence.estimate, ci=lead.evidence.interval(s.alpha),
+            p_value=lead.evidence.p_below(s.gain_margin) if status is Status.FAIL
+            else max(c.evidence.p_positive() for c in checks),
+            p_value_corrected=below_holm[id(lead)] if status is Status.FAIL else p_pass,
+            threshold={"metric": HEADLINE, "alpha": s.alpha, "margin": s.gain_margin,
+                       "interval_level": 1 - 2 * s.alpha, "stability": s.stability,
+                       "rule": "pass: gain > 0 over every control (one-sided, Holm across "
+                               "cells) and in every seed; fail: gain < margin over some "
+                               "control (one-sided, Holm across comparisons)",
                        "controls": [c.control for c in checks],
                        "setting": None if st.setting is None else list(st.setting)},
+            evidence={c.control: c.evidence.as_dict(s.gain_margin, s.alpha)
+                      | {"p_below_margin_holm": below_holm[id(c)]} for c in checks},
             per_seed=per_seed)

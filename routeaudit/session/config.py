@@ -51,6 +51,8 @@ class Config:
             tv_min=defaults.tv_min if o.tv_min is None else o.tv_min,
             tertile_summary=o.tertile_summary,
             device=o.device,
+            gain_margin=getattr(o, "gain_margin", defaults.gain_margin),
+            gap_margin=getattr(o, "gap_margin", defaults.gap_margin),
         )
 
     def as_dict(self) -> dict[str, Any]:

@@ -215,9 +215,9 @@ def _control_kinds(ctx: AuditContext, planned: Sequence[Audit]) -> tuple[str, ..
     return tuple(dict.fromkeys(kinds)) or None
 
 
-def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> Report:
-    """Load every target, run the battery, build the report and hand it to the reporters."""
-    started = time.perf_counter()
+def prepare_session(config: Config) -> Any:
+    """Register summaries and calibrators (built-in and plugins') and resolve
+    ``--calibrator``: what ``run`` and ``validate`` do before loading targets."""
     caller = hooks(config)
     caller.call("routeaudit_register_summaries", registry=config.summaries)
     for name, reference in REFERENCE_CALIBRATORS.items():
@@ -226,6 +226,14 @@ def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> 
     cli_calibrator = resolve_calibrator(config.options.calibrator, config)
     if cli_calibrator is not None:
         config.calibrators["__cli__"] = cli_calibrator
+    return cli_calibrator
+
+
+def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> Report:
+    """Load every target, run the battery, build the report and hand it to the reporters."""
+    started = time.perf_counter()
+    caller = hooks(config)
+    cli_calibrator = prepare_session(config)
     loaded = []
     for path in targets:
         target = load_target(path, config, modules)
