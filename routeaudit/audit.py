@@ -332,6 +332,11 @@ class SeedTally:
         return stable([bool(o.holds) for o in self.outcomes], self.rule)
 
     @property
+    def refuted(self) -> bool:
+        """The claim fails as consistently as a pass needs it to hold."""
+        return stable([not o.holds for o in self.outcomes], self.rule)
+
+    @property
     def need(self) -> str:
         """``"every seed"`` or ``"a majority of seeds"``."""
         return need_text(self.rule)
@@ -477,16 +482,19 @@ class AuditContext:
                            statistic: str | None = None,
                            threshold: dict[str, Any] | None = None,
                            passed: ReasonText = None, failed: ReasonText = None,
-                           **fields: Any) -> Verdict:
+                           mixed: ReasonText = None, **fields: Any) -> Verdict:
         """Per-seed evidence → one verdict, with the stability rule (``settings.stability``).
 
         In order: a seed whose premise fails makes the verdict ``fail`` with its reason; a
         seed that cannot decide makes it ``inconclusive`` with its reason; otherwise it
-        passes when the claim holds in every seed (or a majority). ``effect`` is the mean of
+        passes when the claim holds in every seed (or a majority), fails when it is refuted
+        as consistently (it holds in no seed; under ``majority``, fails in most), and is
+        ``inconclusive`` when the seeds disagree: a claim that holds in some seeds is not
+        refuted (docs/methods.md §5.2). ``effect`` is the mean of
         the seeds' effects, ``ci`` the envelope of their intervals, the p-values the largest
-        (or median). ``passed`` / ``failed`` are the reason (a string, or a function of the
-        :class:`SeedTally`); by default "holds in k/n seeds". ``fields`` override any
-        computed :class:`Verdict` field.
+        (or median). ``passed`` / ``failed`` / ``mixed`` are the reason (a string, or a
+        function of the :class:`SeedTally`; ``mixed`` defaults to ``failed``); by default
+        "holds in k/n seeds". ``fields`` override any computed :class:`Verdict` field.
         """
         rule = self.settings.stability
         outcomes = tuple(outcomes)
@@ -504,11 +512,18 @@ class AuditContext:
             return self.verdict(audit, cell, Status.INCONCLUSIVE, why or "too little data",
                                 **{**common, **fields})
         tally = SeedTally(sum(bool(o.holds) for o in outcomes), len(outcomes), rule, outcomes)
-        ok = tally.passed
-        text = passed if ok else failed
+        if tally.passed:
+            status, text = Status.PASS, passed
+        elif tally.refuted:
+            status, text = Status.FAIL, failed
+        else:
+            status, text = Status.INCONCLUSIVE, mixed if mixed is not None else failed
         if text is None:
-            text = (f"holds in {tally.holds}/{tally.n} seeds" if ok else
-                    f"holds in only {tally.holds}/{tally.n} seeds (needs {tally.need})")
+            text = {Status.PASS: f"holds in {tally.holds}/{tally.n} seeds",
+                    Status.FAIL: f"holds in {tally.holds}/{tally.n} seeds (needs {tally.need})",
+                    Status.INCONCLUSIVE: f"holds in {tally.holds}/{tally.n} seeds: the seeds "
+                    f"disagree (a pass needs {tally.need}; more seeds or data would decide)"
+                    }[status]
         reason = text(tally) if callable(text) else text
         reduce = np.max if rule == "all" else np.median
         effects = [o.effect for o in outcomes]
@@ -523,5 +538,4 @@ class AuditContext:
             "p_value_corrected": (float(reduce(pcs)) if all(p is not None for p in pcs)
                                   else None),
         }
-        return self.verdict(audit, cell, Status.PASS if ok else Status.FAIL, reason,
-                            **{**common, **computed, **fields})
+        return self.verdict(audit, cell, status, reason, **{**common, **computed, **fields})

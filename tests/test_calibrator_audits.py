@@ -105,3 +105,26 @@ def test_same_seed_gives_bit_identical_calibrator_verdicts(tmp_path, seeds):
     _, a = run(args, tmp_path)
     _, b = run(args, tmp_path)
     assert a["verdicts"] == b["verdicts"]
+
+
+def test_an_under_powered_genuine_gain_is_inconclusive_with_the_data_that_would_decide(tmp_path):
+    """A genuine routing-aware calibrator on too few examples is not "refuted": inconclusive,
+    with about how many evaluation examples would decide; with that many it passes."""
+    import re
+
+    from routeaudit.fixtures.synthetic import make_traces
+
+    args = ["--calibrator", "routeaudit.calibrators:nw_r_agg", "--audit", "capacity_control"]
+    small = tmp_path / "small.npz"
+    make_traces("planted", 1200, seed=5, effect=0.5, confound=0.3).save_npz(small)
+    code, report = run([str(small), *args], tmp_path / "a")
+    (verdict,) = verdicts(report, "capacity_control")
+    assert code == 1 and verdict["status"] == "inconclusive"
+    assert verdict["effect"] > 0
+    needed = int(re.search(r"N_eval ≈ ([\d,]+)", verdict["reason"]).group(1).replace(",", ""))
+    assert needed > 600  # more than the 600 evaluation examples it had
+    large = tmp_path / "large.npz"
+    make_traces("planted", 2 * needed, seed=5, effect=0.5, confound=0.3).save_npz(large)
+    code, report = run([str(large), *args], tmp_path / "b")
+    (verdict,) = verdicts(report, "capacity_control")
+    assert code == 0 and verdict["status"] == "pass"

@@ -102,3 +102,23 @@ def test_scale_text_names_the_data_and_the_seeds():
 
 def test_p_text():
     assert p_text(1e-7) == "< 0.0001" and p_text(0.0123) == "0.0123" and p_text(float("nan")) == "n/a"
+
+
+def test_verdict_from_seeds_has_three_outcomes_for_plugin_audits():
+    from routeaudit.audit import AuditContext, AuditSettings, BaseAudit, SeedOutcome
+    from routeaudit.fixtures.synthetic import make_traces
+
+    class Claim(BaseAudit):
+        name, claim = "claim", "something holds"
+
+    traces = make_traces("null", 400, seed=0)
+    for rule, holds, want in (("all", [True] * 3, "pass"), ("all", [False] * 3, "fail"),
+                              ("all", [True, False, True], "inconclusive"),
+                              ("majority", [True, False, True], "pass"),
+                              ("majority", [False, False, True], "fail")):
+        ctx = AuditContext.for_traces(traces, settings=AuditSettings(stability=rule))
+        outcomes = [SeedOutcome(s, holds=h, effect=float(h)) for s, h in enumerate(holds)]
+        verdict = ctx.verdict_from_seeds(Claim(), {"x": 1}, outcomes)
+        assert verdict.status.value == want, (rule, holds)
+        if want == "inconclusive":
+            assert "seeds disagree" in verdict.reason
