@@ -153,8 +153,13 @@ def main() -> None:
           f"{settings.alpha}; gain margin {settings.gain_margin}")
     jobs = [(case, rep, args.n_eval, args.bootstrap) for case in cases
             for rep in range(args.replicates)]
+    results = []
     with ProcessPoolExecutor(max_workers=args.processes) as pool:
-        results = list(pool.map(replicate, jobs, chunksize=1))
+        for i, result in enumerate(pool.map(replicate, jobs, chunksize=1), 1):
+            results.append(result)
+            print(f"\r  {i}/{len(jobs)} replicates, {time.perf_counter() - started:.0f} s",
+                  end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
     ok = True
     for case in cases:
         ok &= summarise(case, [r for r in results if r["case"] == case],

@@ -520,7 +520,8 @@ class AuditContext:
             status, text = Status.INCONCLUSIVE, mixed if mixed is not None else failed
         if text is None:
             text = {Status.PASS: f"holds in {tally.holds}/{tally.n} seeds",
-                    Status.FAIL: f"holds in {tally.holds}/{tally.n} seeds (needs {tally.need})",
+                    Status.FAIL: f"holds in {tally.holds}/{tally.n} seeds: refuted (a pass needs "
+                                 f"{tally.need})",
                     Status.INCONCLUSIVE: f"holds in {tally.holds}/{tally.n} seeds: the seeds "
                     f"disagree (a pass needs {tally.need}; more seeds or data would decide)"
                     }[status]

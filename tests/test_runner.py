@@ -236,7 +236,8 @@ def test_readme_plugin_example_runs(npz, tmp_path, monkeypatch):
     code, report = run(["-p", "my_audits", npz, "--audit", "accuracy_floor",
                         "--accuracy-floor", "0.99"], tmp_path)
     assert code == 1
-    assert report["verdicts"][0]["reason"] == "holds in only 0/2 seeds (needs every seed)"
+    assert report["verdicts"][0]["status"] == "fail"
+    assert report["verdicts"][0]["reason"] == "holds in 0/2 seeds: refuted (a pass needs every seed)"
 
 
 def test_run_help_lists_the_options_plugins_add(capsys):
