@@ -2,7 +2,7 @@
 
 Prints, in one run:
 1. the false-positive rate of the within-bin permutation test on the confounded null
-   (routing strongly correlated with confidence; Y ⟂ R | C), with a Clopper-Pearson 95% CI
+   (routing strongly correlated with confidence; Y ⟂ R | C), with a 95% Wilson interval
    that must cover the nominal alpha;
 2. the false-positive rate of a naive test without confidence matching (chi-square test of
    accuracy across global routing tertiles) on the same data: near 1, which is why the tool
@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from dataclasses import replace
 
 import numpy as np
-from scipy.stats import beta as beta_dist
 from scipy.stats import chi2_contingency
 
 import routeaudit.session.validate as validate
@@ -47,6 +46,7 @@ from routeaudit.audits.permutation_null import PermutationNullAudit
 from routeaudit.audits.stratification import StratificationAudit
 from routeaudit.fixtures.synthetic import make_traces
 from routeaudit.stats import quantile_strata
+from routeaudit.stats.rates import rate_text
 from routeaudit.traces import TraceSet
 from routeaudit.verdict import Status
 
@@ -92,17 +92,9 @@ def naive_rejects(traces: TraceSet, *, seed: int, alpha: float) -> bool:
     return bool(chi2_contingency(table)[1] <= alpha)
 
 
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    a = 1 - level
-    lo = 0.0 if k == 0 else float(beta_dist.ppf(a / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta_dist.ppf(1 - a / 2, k + 1, n - k))
-    return lo, hi
-
-
 def rate(flags: list[bool]) -> str:
-    k, n = int(sum(flags)), len(flags)
-    lo, hi = clopper_pearson(k, n)
-    return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}] ({k}/{n})"
+    """A rate with its 95% Wilson interval (the one implementation, routeaudit.stats.rates)."""
+    return rate_text(flags)
 
 
 #: The generators of the three-outcome study: (shape, routing layers, classes).

@@ -47,6 +47,8 @@ from routeaudit.stats.rates import bound, rate_text
 from routeaudit.traces import TraceSet
 
 AUDITS = (CapacityControlAudit(), ShuffledProfileAudit())
+#: The case of the power target: worst-tertile ECE about half its capacity twin's.
+POWER_CASE = "medium"
 
 #: name → (kind, traces keyword arguments, is a null, shuffle the routing rows)
 CASES: dict[str, tuple[str, dict[str, float], bool, bool]] = {
@@ -164,13 +166,18 @@ def main() -> None:
     for case in cases:
         ok &= summarise(case, [r for r in results if r["case"] == case],
                         settings.gain_margin, settings.alpha)
-    strong = [r for r in results if r["case"] == "strong"]
-    if strong:
-        both = [r["capacity_control"] == "pass" and r["shuffled_profile"] == "pass"
-                for r in strong]
-        power = sum(both) / len(both)
-        ok &= power >= 0.95
-        print(f"\npower, strong genuine case, both audits pass: {rate_text(both)}   target ≥ 0.95")
+    print()
+    for case in cases:
+        if CASES[case][2]:
+            continue
+        rows = [r for r in results if r["case"] == case]
+        both = [r["capacity_control"] == "pass" and r["shuffled_profile"] == "pass" for r in rows]
+        ratio = np.mean([r["candidate_ece"] for r in rows]) / np.mean([r["twin_ece"] for r in rows])
+        target = "   target ≥ 0.95" if case == POWER_CASE else ""
+        if case == POWER_CASE:
+            ok &= sum(both) / len(both) >= 0.95
+        print(f"power, {case} (candidate/twin worst-tertile ECE {ratio:.2f}), both audits pass: "
+              f"{rate_text(both)}{target}")
     print(f"\n{'every bound holds' if ok else 'SOME BOUND IS EXCEEDED'}; total "
           f"{time.perf_counter() - started:.0f} s")
 

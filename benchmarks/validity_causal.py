@@ -18,7 +18,7 @@ so the slices share per-example difficulty (the pairing the paired differences e
 (d) the 0.3-mass slice sits exactly at the margin, μ = (0.5, 0.01, 0.2): false-fail rate
     (≤ α + 2 SE).
 
-Rates carry Clopper-Pearson 95 % intervals; SE = √(α(1 − α)/R). At an exact α an error
+Rates carry 95 % Wilson intervals; SE = √(α(1 − α)/R). At an exact α an error
 figure exceeds α + 2 SE with probability about 0.025, so with some 20 figures one may by
 chance: a flagged figure is re-checked on ``--confirm`` fresh replicates. Then, unless
 ``--no-fixtures``, the real audit runs once on the two digits fixtures (the Block model and
@@ -47,9 +47,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import numpy as np
-from scipy.stats import beta as beta_dist
 
 from routeaudit.audits.causal_ablation import NLL_MARGIN, decide_slices
+from routeaudit.stats.rates import bound, rate_text
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPHA = 0.05
@@ -68,22 +68,14 @@ CASES = {
 }
 
 
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    a = 1 - level
-    lo = 0.0 if k == 0 else float(beta_dist.ppf(a / 2, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta_dist.ppf(1 - a / 2, k + 1, n - k))
-    return lo, hi
-
-
 def rate(flags: list[bool]) -> str:
-    k, n = int(sum(flags)), len(flags)
-    lo, hi = clopper_pearson(k, n)
-    return f"{k / n:.3f} [{lo:.3f}, {hi:.3f}] ({k:>3}/{n})"
+    """A rate with its 95% Wilson interval (the one implementation, routeaudit.stats.rates)."""
+    return rate_text(flags)
 
 
 def limit(replicates: int) -> float:
     """α + 2 SE, SE the standard error of a rate α over this many replicates."""
-    return ALPHA + 2 * np.sqrt(ALPHA * (1 - ALPHA) / replicates)
+    return bound(ALPHA, replicates)
 
 
 def replicate(job: tuple[str, float, int, int, int]) -> tuple[str, float, int, int, str]:
