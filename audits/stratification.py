@@ -92,8 +92,10 @@ class StratificationAudit(BaseAudit):
             reason = (f"no excess worth the name: {head} lies below the margin "
                       f"{s.gap_margin:g} (Holm p {p_text(p_below)}); {gaps}")
         else:
-            reason = (f"not decided: {head}; shown neither > 0 (Holm p {p_text(p_pos)}) nor "
-                      f"below the margin {s.gap_margin:g} (p {p_text(p_below)}); "
+            shown = (f"> 0 pooled (Holm p {p_text(p_pos)}) but not in every seed (--stability)"
+                     if p_pos <= s.alpha else f"shown neither > 0 (Holm p {p_text(p_pos)}) nor "
+                     f"below the margin {s.gap_margin:g} (p {p_text(p_below)})")
+            reason = (f"not decided: {head}; {shown}; "
                       + scale_text(ev, s.gap_margin, s.alpha, int(ctx.seeds[0].eval_index.size)))
         return ctx.verdict(
             self, cell, status, reason, statistic="weighted gap minus within-bin null mean, "

@@ -43,6 +43,9 @@ def describe(check: GainCheck, status: str, control_label: str, *, alpha: float,
     elif status == "fail":
         verdict = (f"interval lies below the margin {margin:g} (Holm p {p_text(p_below)} ≤ "
                    f"{alpha:g}): the gain is absent or too small to matter")
+    elif p_positive <= alpha:
+        verdict = (f"> 0 pooled (Holm p {p_text(p_positive)}), but not positive in every seed "
+                   f"(--stability)")
     else:
         verdict = (f"shown neither > 0 (Holm p {p_text(p_positive)}) nor below the margin "
                    f"{margin:g} (p {p_text(p_below)})")

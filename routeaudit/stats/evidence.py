@@ -143,7 +143,10 @@ def scale_text(evidence: Evidence, margin: float, alpha: float, n_eval: int | No
     factor, toward = data_needed(evidence, margin, alpha)
     up, down = goals or ("show the effect positive", f"show it below the margin {margin:g}")
     goal = up if toward == "pass" else down
-    if not np.isfinite(factor) or factor > MAX_SCALE:
+    if factor <= 1.0:
+        text = ("the pooled evidence is already decisive at this size; a seed that disagrees "
+                "in sign is what keeps it open, and more data per seed would settle it")
+    elif not np.isfinite(factor) or factor > MAX_SCALE:
         text = (f"the estimate sits at the {'zero' if toward == 'pass' else 'margin'} "
                 "boundary: no feasible amount of data decides it at this effect size")
     else:
