@@ -258,6 +258,15 @@ class SeedData:
                                  n_bins=settings.n_bins, bin_strategy=settings.bin_strategy,  # type: ignore[arg-type]
                                  strata=settings.strata, n_strata=settings.n_strata)  # type: ignore[arg-type]
 
+    def groups(self, part: str = "eval") -> np.ndarray | None:
+        """The resampling unit of each example of ``part`` for token-level traces
+        (``meta.per_token`` with a ``group``, e.g. the sequence): bootstraps resample whole
+        groups. None for example-level traces (every example is its own unit)."""
+        group = self.traces.group
+        if group is None or not self.traces.meta.per_token:
+            return None
+        return group[self.index(part)]
+
     def index(self, part: str) -> np.ndarray:
         """The example indices of ``part``: ``"eval"``, ``"cal"`` or ``"all"``."""
         if part == "eval":
@@ -280,7 +289,8 @@ def seeds_for(traces: Sequence[TraceSet], seeds: Sequence[int],
     for seed, ts in pairs:
         cache = caches.setdefault(id(ts), FeatureCache(ts, summaries))
         conf, correct = confidence_and_correct(ts.logits, ts.labels)
-        cal_index, eval_index = stratified_split(conf, correct, seed)
+        groups = ts.group if ts.meta.per_token else None  # sequences stay in one half
+        cal_index, eval_index = stratified_split(conf, correct, seed, groups=groups)
         out.append(SeedData(seed, ts, cal_index, eval_index, cache))
     return out
 
@@ -407,6 +417,18 @@ class AuditContext:
             raise RuntimeError("this target has no model: causal audits need a model adapter")
         return self.session.forward(intervention)
 
+    def split_traces(self, name: str) -> TraceSet | None:
+        """Validated traces of another split the target's adapter offers
+        (``Adapter.extra_splits``, e.g. ``"shift"``: a held-back domain), extracted on first
+        use and cached like the main split; None when the target has no such split."""
+        session = self.session
+        if session is None or name not in getattr(session, "extra_splits", ()):
+            return None
+        key = ("split_traces", name)
+        if key not in self.cache:
+            self.cache[key] = session.for_split(name).traces()
+        return self.cache[key]
+
     def rng(self, audit: str, cell: str, seed: int) -> np.random.Generator:
         """The reproducible random stream of one (audit, cell, seed)."""
         return rng_for(audit, cell, seed)
@@ -432,6 +454,7 @@ class AuditContext:
             self.cache[key] = part.no_variation or matched_excess(
                 part, n_permutations=s.n_permutations, n_boot=s.n_bootstrap,
                 min_count=s.min_count, sequential_h=s.sequential_h, device=s.device,
+                groups=seed.groups("eval"),
                 rng_null=self.rng("permutation_null", summary, seed.seed),
                 rng_boot=self.rng("matched-excess:bootstrap", summary, seed.seed))
         return self.cache[key]
@@ -442,7 +465,7 @@ class AuditContext:
         features the registered calibrator declares (what is claimed decides what can fail),
         else every built-in scalar routing summary."""
         names = (self.requested_summaries or self.calibrator_summaries()
-                 or self.summaries.default_cells())
+                 or self.summaries.default_cells(self.seeds[0].traces if self.seeds else None))
         return [{"summary": name} for name in names]
 
     def calibrator_summaries(self) -> list[str]:

@@ -11,6 +11,22 @@ report always says which variant was audited:
 - ``depth_variance_across``: variant B, the variance across layers of the expected depth.
 - ``profile`` / ``profile_normalized``: the full vector (H_1..H_L') for MLP calibrators.
 - ``H<l>`` / ``H<l>_norm``: the entropy of one layer (0-based l), resolved on demand.
+
+Mixture-of-Experts traces (``meta.source_kind == "experts"``) have experts, not depths, on
+the source axis: an expert's index is a name with no order, so the depth summaries
+(``depth_variance``, ``depth_variance_across``) are not offered there (asking for one is a
+usage error that says why). Entropies do not depend on the order and stay. MoE summaries
+(docs/methods.md §4), each over the routing layers with ≥ 2 experts:
+
+- ``top1_prob``: the largest routing probability, mean over layers (router sharpness).
+- ``top1_margin``: top-1 minus top-2 probability, mean over layers (how close the router was
+  to sending the token elsewhere).
+- ``top1_expert``: the index of the top-1 expert at the expert layer (``meta.expert_layer``,
+  default the last): a categorical label (a routing cell), for calibrators that condition
+  on the routed region; never a default claim.
+- ``expert_load``: the share of all tokens whose top-1 is the token's own top-1 expert,
+  mean over layers (a token routed to a crowded or to a rarely used expert).
+  :func:`expert_load_table` gives the load per layer and expert and its entropy.
 """
 
 from __future__ import annotations
@@ -29,15 +45,30 @@ from routeaudit.traces import TraceSet
 SummaryFn = Callable[[TraceSet], np.ndarray]
 
 
+#: Which source axes a summary makes sense on (``TraceMeta.source_kind``).
+AppliesTo = Literal["any", "depth", "experts"]
+
+
 @dataclass(frozen=True)
 class Summary:
-    """A registered summary: its function and what it is (for listing and default cells)."""
+    """A registered summary: its function and what it is (for listing and default cells).
+
+    ``applies_to`` says which source axes the definition makes sense on: a summary that
+    reads the source index as a depth is ``"depth"``; one that needs experts is
+    ``"experts"``. ``categorical`` marks labels (an expert index), which are never a
+    default claim: their order means nothing to a stratification.
+    """
 
     name: str
     fn: SummaryFn
     description: str
     kind: Literal["routing", "output"] = "routing"
     shape: Literal["scalar", "profile"] = "scalar"
+    applies_to: AppliesTo = "any"
+    categorical: bool = False
+
+    def applies(self, traces: TraceSet) -> bool:
+        return self.applies_to == "any" or self.applies_to == traces.meta.source_kind
 
 
 class SummaryRegistry:
@@ -50,10 +81,14 @@ class SummaryRegistry:
 
     def register(self, name: str, fn: SummaryFn, description: str, *,
                  kind: Literal["routing", "output"] = "routing",
-                 shape: Literal["scalar", "profile"] = "scalar") -> None:
+                 shape: Literal["scalar", "profile"] = "scalar",
+                 applies_to: AppliesTo = "any", categorical: bool = False) -> None:
         if name in self._items:
             raise UsageError(f"summary {name!r} is registered twice")
-        self._items[name] = Summary(name, fn, description, kind, shape)
+        if applies_to not in ("any", "depth", "experts"):
+            raise UsageError(f"summary {name!r}: applies_to must be 'any', 'depth' or "
+                             f"'experts', not {applies_to!r}")
+        self._items[name] = Summary(name, fn, description, kind, shape, applies_to, categorical)
 
     def get(self, name: str) -> Summary:
         if name in self._items:
@@ -70,7 +105,10 @@ class SummaryRegistry:
     def check(self, name: str, traces: TraceSet) -> None:
         """Raise a UsageError naming what exists unless ``name`` can be computed for ``traces``
         (an unknown name, or ``H<l>`` for a layer the traces do not have)."""
-        self.get(name)
+        summary = self.get(name)
+        if not summary.applies(traces):
+            raise UsageError(_not_applicable(summary, traces)
+                             + f"; summaries that apply: {', '.join(self.applicable(traces))}")
         match = self._layer_pattern.match(name)
         if match and int(match.group(1)) >= traces.n_layers:
             last = traces.n_layers - 1
@@ -87,9 +125,26 @@ class SummaryRegistry:
         return isinstance(name, str) and (name in self._items
                                           or bool(self._layer_pattern.match(name)))
 
-    def default_cells(self) -> list[str]:
-        """Scalar routing summaries: the claims audited when the user names none."""
-        return [s.name for s in self if s.kind == "routing" and s.shape == "scalar"]
+    def applicable(self, traces: TraceSet) -> list[str]:
+        """Names of the summaries whose definition makes sense on these traces."""
+        return [s.name for s in self if s.applies(traces)]
+
+    def default_cells(self, traces: TraceSet | None = None) -> list[str]:
+        """Scalar, non-categorical routing summaries that apply to ``traces`` (all source
+        kinds when None): the claims audited when the user names none."""
+        return [s.name for s in self if s.kind == "routing" and s.shape == "scalar"
+                and not s.categorical and (traces is None or s.applies(traces))]
+
+
+def _not_applicable(summary: Summary, traces: TraceSet) -> str:
+    """Why ``summary`` is not offered on ``traces`` (one sentence, no trailing period)."""
+    if summary.applies_to == "depth":
+        return (f"summary {summary.name!r} reads the source index as a depth, but the sources "
+                f"of {traces.meta.name!r} are experts (meta.source_kind = 'experts'), whose "
+                "index is a name with no order")
+    return (f"summary {summary.name!r} needs Mixture-of-Experts traces (meta.source_kind = "
+            f"'experts'); the sources of {traces.meta.name!r} are "
+            f"{traces.meta.source_kind!r} sources")
 
 
 class FeatureCache:
@@ -186,6 +241,66 @@ def depth_variance_across(traces: TraceSet) -> np.ndarray:
     return mean.var(axis=1)
 
 
+# ---------------------------------------------------------------------- MoE summaries
+def _expert_layers(traces: TraceSet) -> np.ndarray:
+    """Routing [N, L', S] of the layers with ≥ 2 experts (float64, masked sources 0)."""
+    return _routing64(traces)[:, _multi_source_layers(traces), :]
+
+
+def expert_layer(traces: TraceSet) -> int:
+    """The routing layer whose experts define routed regions: ``meta.expert_layer`` (a
+    negative index counts from the end), else the last layer."""
+    layer = traces.meta.expert_layer
+    return (traces.n_layers - 1) if layer is None else layer % traces.n_layers
+
+
+def _sorted_top2(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
+    alpha = _expert_layers(traces)
+    if alpha.shape[1] == 0:
+        zeros = np.zeros((traces.n_examples, 0))
+        return zeros, zeros
+    top2 = -np.partition(-alpha, 1, axis=2)[:, :, :2] if alpha.shape[2] >= 2 else \
+        np.concatenate([alpha, np.zeros_like(alpha)], axis=2)
+    return top2[:, :, 0], top2[:, :, 1]
+
+
+def top1_prob(traces: TraceSet) -> np.ndarray:
+    return _mean_over_layers(_sorted_top2(traces)[0])
+
+
+def top1_margin(traces: TraceSet) -> np.ndarray:
+    first, second = _sorted_top2(traces)
+    return _mean_over_layers(first - second)
+
+
+def top1_expert(traces: TraceSet) -> np.ndarray:
+    """Index of the top-1 expert at :func:`expert_layer` (the first of equal weights)."""
+    alpha = _routing64(traces)[:, expert_layer(traces), :]
+    return np.argmax(alpha, axis=1).astype(np.float64)
+
+
+def expert_load_table(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
+    """``(load [L, S], entropy [L])``: the share of tokens whose top-1 expert is each
+    source, per layer, and the entropy of that share (nats; log S when balanced)."""
+    alpha = _routing64(traces)
+    top = np.argmax(alpha, axis=2)  # [N, L]
+    load = np.stack([np.bincount(top[:, layer], minlength=traces.n_sources)
+                     for layer in range(traces.n_layers)]).astype(np.float64) / traces.n_examples
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(load > 0, load * np.log(load), 0.0).sum(axis=1)
+    return load, entropy
+
+
+def expert_load(traces: TraceSet) -> np.ndarray:
+    keep = _multi_source_layers(traces)
+    if not keep.any():
+        return np.zeros(traces.n_examples)
+    load, _ = expert_load_table(traces)
+    top = np.argmax(_routing64(traces), axis=2)  # [N, L]
+    layers = np.flatnonzero(keep)
+    return load[layers[None, :], top[:, layers]].mean(axis=1)
+
+
 def confidence(traces: TraceSet) -> np.ndarray:
     return metrics.confidence_and_correct(traces.logits, traces.labels)[0]
 
@@ -201,13 +316,26 @@ def default_registry() -> SummaryRegistry:
     registry.register("r_agg_normalized", r_agg_normalized,
                       "mean routing entropy over layers, each / log n_l")
     registry.register("depth_variance", depth_variance,
-                      "routing-weighted variance of source depth, mean over layers (variant A)")
+                      "routing-weighted variance of source depth, mean over layers (variant A)",
+                      applies_to="depth")
     registry.register("depth_variance_across", depth_variance_across,
-                      "variance across layers of the expected source depth (variant B)")
+                      "variance across layers of the expected source depth (variant B)",
+                      applies_to="depth")
     registry.register("profile", entropy_profile, "per-layer routing entropies H_1..H_L",
                       shape="profile")
     registry.register("profile_normalized", lambda ts: entropy_profile(ts, normalized=True),
                       "per-layer routing entropies, each / log n_l", shape="profile")
+    registry.register("top1_prob", top1_prob, "largest routing probability, mean over layers",
+                      applies_to="experts")
+    registry.register("top1_margin", top1_margin,
+                      "top-1 minus top-2 routing probability, mean over layers",
+                      applies_to="experts")
+    registry.register("expert_load", expert_load,
+                      "share of tokens routed (top-1) to the token's own top-1 expert, mean "
+                      "over layers", applies_to="experts")
+    registry.register("top1_expert", top1_expert,
+                      "index of the top-1 expert at the expert layer (a label, not a claim)",
+                      applies_to="experts", categorical=True)
     registry.register("confidence", confidence, "top-label softmax probability", kind="output")
     registry.register("predictive_entropy", predictive_entropy,
                       "entropy of the softmax (nats)", kind="output")

@@ -440,3 +440,44 @@ def test_store_keeps_an_entry_written_concurrently(toy, tmp_path):
     assert cache.store(key, traces) == first
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [key.digest]
     np.testing.assert_array_equal(cache.load(key).logits, traces.logits)
+
+
+SHIFTED = '''
+
+class Shifted(ToyBase):
+    extra_splits = ("shift",)
+
+    def batches(self, split):
+        if split not in ("eval", "shift"):
+            raise ValueError(split)
+        g = torch.Generator().manual_seed(7 if split == "eval" else 8)
+        x = torch.randn(N, D, generator=g) * (1.0 if split == "eval" else 3.0)
+        y = torch.randint(0, K, (N,), generator=g)
+        for start in range(0, N, BATCH):
+            yield x[start:start + BATCH], y[start:start + BATCH]
+'''
+
+
+def test_extra_split_is_extracted_once_with_the_same_model(tmp_path, monkeypatch):
+    from routeaudit.audit import AuditContext
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    toy = load_toy(tmp_path / "adapter", extra=SHIFTED)
+    cache = tmp_path / "cache"
+    session = ModelSession(toy.Shifted(), cache_dir=cache, progress=False)
+    ctx = AuditContext.for_traces(session.traces(), seeds=(0,), session=session)
+    assert ctx.split_traces("nope") is None
+    shift = ctx.split_traces("shift")
+    assert shift is ctx.split_traces("shift")  # memoised
+    assert session.n_loads == 1 and toy.CALLS["load"] == 1  # one model for both splits
+    module = toy
+    adapter, model = module.Shifted(), module.Shifted().load(torch.device("cpu"))
+    with torch.inference_mode():
+        outs = [adapter.forward(model, b) for b in adapter.batches("shift")]
+    np.testing.assert_array_equal(shift.logits, np.concatenate([o.logits.numpy() for o in outs]))
+    assert not np.allclose(shift.logits[:10], session.traces().logits[:10])
+    assert len(entries(cache)) == 2  # each split has its own cache entry
+    again = ModelSession(toy.Shifted(), cache_dir=cache, progress=False).for_split("shift")
+    np.testing.assert_array_equal(again.traces().logits, shift.logits)
+    assert again.cache_hit

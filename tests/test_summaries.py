@@ -79,7 +79,7 @@ def test_unknown_summary_is_usage_error():
 
 
 def test_default_cells_are_scalar_routing_summaries():
-    cells = default_registry().default_cells()
+    cells = default_registry().default_cells(ragged_traces(n=8, seed=0))
     assert cells == ["r_agg", "r_agg_normalized", "depth_variance", "depth_variance_across"]
 
 

@@ -177,7 +177,7 @@ def _seed_study(spec: CalibratorSpec, seed: SeedData, variants: Sequence[Variant
         raise UsageError(f"calibrator {spec.name!r} ({bad}) predicted NaN or inf")
     tiles = metrics.quantile_tiles(seed.summary(summary, "eval"), 3)
     observed, reps = bootstrap_worst_tile_ece(
-        preds, correct_eval, tiles, n_boot=n_boot,
+        preds, correct_eval, tiles, n_boot=n_boot, groups=seed.groups("eval"),
         rng=rng_for("calibrator-bootstrap", spec.name, repr(setting), seed.seed))
     probs = metrics.softmax(parts["eval"][1])
     labels = seed.traces.labels[seed.eval_index]

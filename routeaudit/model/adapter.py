@@ -65,6 +65,10 @@ class Adapter:
     name: str = "model"
     #: Which split of ``batches`` the audits use.
     split: str = "eval"
+    #: Other splits ``batches`` serves that audits may ask for by name (e.g. ``("shift",)``:
+    #: a held-back domain that ``expert_calibration`` checks its claims on too). Each is
+    #: extracted only when an audit asks, and cached like the main split.
+    extra_splits: tuple[str, ...] = ()
     #: Valid sources per routing layer, [L, S] booleans; None means all valid.
     source_mask: Any = None
     meta: ClassVar[dict[str, Any]] = {}

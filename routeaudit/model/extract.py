@@ -346,7 +346,8 @@ class ModelSession:
 
     def __init__(self, adapter: Any, *, device: Any = None, autocast: str | None = None,
                  cache: bool = True, cache_dir: str | os.PathLike[str] | None = None,
-                 progress: bool | str = "auto", stream: TextIO | None = None) -> None:
+                 progress: bool | str = "auto", stream: TextIO | None = None,
+                 split: str | None = None) -> None:
         if isinstance(adapter, type):
             adapter = adapter()
         for method in ("load", "batches", "forward"):
@@ -370,6 +371,9 @@ class ModelSession:
         self._model: Any = None
         self._loaded = False
         self._traces: TraceSet | None = None
+        self._split = split
+        self._siblings: dict[str, ModelSession] = {}
+        self._parent: ModelSession | None = None  # a sibling split uses its parent's model
 
     # --- properties
     @property
@@ -378,7 +382,32 @@ class ModelSession:
 
     @property
     def split(self) -> str:
+        if self._split is not None:
+            return self._split
         return str(getattr(self.adapter, "split", "eval"))
+
+    @property
+    def extra_splits(self) -> tuple[str, ...]:
+        """Other splits the adapter offers (``Adapter.extra_splits``, e.g. ``("shift",)``)."""
+        value = getattr(self.adapter, "extra_splits", ()) or ()
+        if isinstance(value, str):
+            value = (value,)
+        return tuple(str(v) for v in value if str(v) != self.split)
+
+    def for_split(self, split: str) -> ModelSession:
+        """A session over another split of the same adapter, sharing the loaded model and
+        the trace cache (each split has its own cache entry); memoised per split."""
+        if split == self.split:
+            return self
+        if split not in self._siblings:
+            sibling = ModelSession(self.adapter, device=self._device_request,
+                                   autocast=self.autocast, cache=self.cache is not None,
+                                   progress=self.progress, stream=self.stream, split=split)
+            sibling.cache = self.cache
+            sibling._parent = self
+            self._siblings[split] = sibling
+        return self._siblings[split]
+
 
     @property
     def per_token(self) -> bool:
@@ -387,13 +416,18 @@ class ModelSession:
 
     @property
     def device(self) -> Any:
+        if self._parent is not None:
+            return self._parent.device
         if self._device is None:
             self._device = pick_device(self._device_request)
         return self._device
 
     @property
     def model(self) -> Any:
-        """The adapter's model, loaded on first use and kept."""
+        """The adapter's model, loaded on first use and kept (one per adapter: a session
+        over another split uses the first session's)."""
+        if self._parent is not None:
+            return self._parent.model
         if not self._loaded:
             try:
                 self._model = self.adapter.load(self.device)

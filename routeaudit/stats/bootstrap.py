@@ -23,6 +23,7 @@ __all__ = [
     "bootstrap_worst_tile_ece",
     "cluster_bootstrap_mean",
     "paired_gain",
+    "resampling_counts",
 ]
 
 
@@ -45,6 +46,20 @@ def _multinomial_counts(gen: np.random.Generator, rows: int, n: int) -> np.ndarr
     return np.bincount(pick.reshape(-1), minlength=rows * n).reshape(rows, n)
 
 
+def resampling_counts(gen: np.random.Generator, rows: int, n: int,
+                      groups: np.ndarray | None = None) -> np.ndarray:
+    """Bootstrap weights [rows, n] of n examples: multinomial counts over examples, or with
+    ``groups`` over whole groups (each example weighted by its group's count), so tokens of
+    one sequence are resampled together. Without groups this is exactly the per-example
+    draw of earlier releases."""
+    if groups is None:
+        return _multinomial_counts(gen, rows, n)
+    _, inverse = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
+    if inverse.size != n:
+        raise ValueError(f"groups has {inverse.size} entries for {n} examples")
+    return _multinomial_counts(gen, rows, int(inverse.max()) + 1)[:, inverse]
+
+
 def bootstrap_gap(
     bin_idx: np.ndarray,
     strata: np.ndarray,
@@ -58,8 +73,10 @@ def bootstrap_gap(
     level: float = 0.95,
     device: DeviceLike = None,
     chunk_size: int | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[float, float, np.ndarray]:
-    """Percentile bootstrap CI of the weighted gap, resampling examples with replacement.
+    """Percentile bootstrap CI of the weighted gap, resampling examples with replacement
+    (whole ``groups``, e.g. sequences, when given: :func:`resampling_counts`).
 
     Each replicate is a row of multinomial counts over the N examples; the bin and stratum of
     every example stay as they are (the partition is fixed, as in the audit), and the gap is
@@ -78,7 +95,7 @@ def bootstrap_gap(
     chunk = int(chunk_size) if chunk_size else max(1, _backend.CHUNK_KEYS // n)
     for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each vectorised
         rows = min(chunk, int(n_boot) - row0)
-        counts = _multinomial_counts(gen, rows, n)
+        counts = resampling_counts(gen, rows, n, groups)
         wg, _ = batched_weighted_gap(
             b,
             s,
@@ -104,8 +121,10 @@ def bootstrap_worst_tile_ece(
     n_tiles: int = 3,
     n_bins: int = 15,
     chunk_size: int | None = None,
+    groups: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Worst-tile ECE15 of M calibrated predictions, observed and under a *paired* bootstrap.
+    """Worst-tile ECE15 of M calibrated predictions, observed and under a *paired* bootstrap
+    (over whole ``groups``, e.g. sequences, when given).
 
     ``preds`` is [M, n] (one row per probe, all on the same n evaluation examples),
     ``tiles`` the shared routing tile of each example (0..n_tiles-1). Every bootstrap
@@ -156,7 +175,7 @@ def bootstrap_worst_tile_ece(
     reps = np.empty((int(n_boot), m))
     for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each vectorised
         rows = min(chunk, int(n_boot) - row0)
-        reps[row0 : row0 + rows] = worst(_multinomial_counts(gen, rows, n).astype(np.float64))
+        reps[row0 : row0 + rows] = worst(resampling_counts(gen, rows, n, groups).astype(np.float64))
     return observed, reps
 
 

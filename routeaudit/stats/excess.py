@@ -46,8 +46,10 @@ class MatchedExcess:
 
 def matched_excess(part: MatchedPartition, *, n_permutations: int, n_boot: int, min_count: int,
                    rng_null: np.random.Generator, rng_boot: np.random.Generator,
-                   sequential_h: int | None = None, device: DeviceLike = None) -> MatchedExcess:
-    """Permutation test, observed gaps and bootstrap of one matched partition."""
+                   sequential_h: int | None = None, device: DeviceLike = None,
+                   groups: np.ndarray | None = None) -> MatchedExcess:
+    """Permutation test, observed gaps and bootstrap of one matched partition (the
+    bootstrap resamples whole ``groups``, e.g. sequences of tokens, when given)."""
     kw = dict(n_bins=part.n_bins, n_strata=part.n_strata, min_count=min_count)
     gaps = gap_statistics(*part.cells(), **kw)
     test = within_bin_permutation_test(*part.cells(), **kw, n_permutations=n_permutations,
@@ -56,7 +58,7 @@ def matched_excess(part: MatchedPartition, *, n_permutations: int, n_boot: int, 
         return MatchedExcess(test, gaps.weighted_gap, gaps.max_gap, gaps.n_used, float("nan"),
                              float("nan"), np.zeros(0))
     _, _, replicates = bootstrap_gap(*part.cells(), **kw, n_boot=n_boot, device=device,
-                                     rng=rng_boot)
+                                     rng=rng_boot, groups=groups)
     finite = replicates[np.isfinite(replicates)]
     variance = float(np.var(finite, ddof=1)) if finite.size > 1 else float("nan")
     return MatchedExcess(test, gaps.weighted_gap, gaps.max_gap, gaps.n_used,

@@ -28,6 +28,9 @@ _META_EXPECTED = {
     "schedule": "an [L, S] list of lists of numbers (the analytic routing)",
     "replicate": "an integer (the index of a trained replicate) or null",
     "per_token": "true or false",
+    "source_kind": "'depth' (AttnRes depth sources) or 'experts' (MoE experts)",
+    "top_k": "a positive integer (experts each token is sent to) or null",
+    "expert_layer": "an integer (the routing layer whose experts expert_logits are) or null",
 }
 
 
@@ -52,6 +55,14 @@ class TraceMeta(BaseModel):
     schedule: list[list[float]] | None = None  # analytic routing [L, S] the model declares
     replicate: int | None = None  # index of a trained replicate; replicates become the seeds
     per_token: bool = False
+    #: What the S axis of ``routing`` is: ``depth`` sources (their index is a depth, so
+    #: depth summaries apply) or MoE ``experts`` (the index is a name: no order).
+    source_kind: Literal["depth", "experts"] = "depth"
+    #: MoE: experts each token is sent to (1 with ``routing_mode == "hard"``).
+    top_k: int | None = None
+    #: MoE: the routing layer whose experts ``expert_logits [N, E, K]`` are, and whose top-1
+    #: choice defines each expert's routed region (None: the last routing layer).
+    expert_layer: int | None = None
 
     def __init__(self, /, **data: Any) -> None:
         try:

@@ -263,6 +263,12 @@ class TraceSet:
                 i = _first_index(bad)
                 raise TraceValidationError("meta.schedule", f"value {_value(schedule[i])}", index=i,
                                            expected="finite weights ≥ 0")
+        if meta.top_k is not None and not 1 <= meta.top_k <= n_sources:
+            raise TraceValidationError("meta.top_k", f"is {meta.top_k}",
+                                       expected=f"an integer in [1, {n_sources}]: S = {n_sources} experts")
+        if meta.expert_layer is not None and not -n_layers <= meta.expert_layer < n_layers:
+            raise TraceValidationError("meta.expert_layer", f"is {meta.expert_layer}",
+                                       expected=f"a routing layer in [0, {n_layers})")
         for family, indices in meta.source_families.items():
             for j, source in enumerate(indices):
                 if not 0 <= source < n_sources:
