@@ -28,8 +28,8 @@ def test_moe_summaries_match_slow_loops():
     cache = FeatureCache(ts, default_registry())
     r = ts.routing.astype(np.float64)
     n, layers, experts = r.shape
-    top1 = [np.mean([sorted(r[i, l])[-1] for l in range(layers)]) for i in range(n)]
-    margin = [np.mean([sorted(r[i, l])[-1] - sorted(r[i, l])[-2] for l in range(layers)])
+    top1 = [np.mean([sorted(r[i, j])[-1] for j in range(layers)]) for i in range(n)]
+    margin = [np.mean([sorted(r[i, j])[-1] - sorted(r[i, j])[-2] for j in range(layers)])
               for i in range(n)]
     np.testing.assert_allclose(cache["top1_prob"], top1, rtol=1e-12)
     np.testing.assert_allclose(cache["top1_margin"], margin, rtol=1e-12)
