@@ -134,6 +134,8 @@ def test_reference_registry():
         "nw_predictive_entropy",
         "nw_r_agg",
         "mlp_profile",
+        "routing_robust",
+        "per_expert_platt",
     } == set(REFERENCE_CALIBRATORS)
     assert REFERENCE_CALIBRATORS["ar_condcal"].features == ("confidence", "depth_variance")
     assert REFERENCE_CALIBRATORS["mlp_profile"].features == ("confidence", "profile")

@@ -161,3 +161,28 @@ def test_full_vector_puts_calibrated_value_on_prediction():
     np.testing.assert_allclose(out[[0, 1, 2], [0, 2, 0]], cal)
     np.testing.assert_allclose(out[0, 1:], [0.375, 0.125])  # 0.5 shared 3:1
     np.testing.assert_allclose(out[2, 1:], [0.15, 0.15])  # all-zero rest shared equally
+
+
+def test_derived_twin_of_a_label_has_the_labels_cardinality():
+    """A label column (an expert index with 4 values) is replaced by 4 equal-mass cells of
+    a confidence-derived feature, not by a continuous column (which a per-label calibrator
+    would cut into many more cells than the candidate has)."""
+    from routeaudit.calibration.controls import Variant, variant_input
+    from routeaudit.calibration.features import DERIVED_FEATURES, FeatureMatrix, derived_feature
+    from routeaudit.metrics import quantile_tiles
+
+    rng = np.random.default_rng(0)
+    n = 400
+    logits = rng.standard_normal((n, 5))
+    conf = np.exp(logits).max(1) / np.exp(logits).sum(1)
+    expert = rng.integers(0, 4, n).astype(np.float64)
+    other = rng.random(n)
+    X = np.c_[conf, expert, other]
+    fm = FeatureMatrix(X, ("confidence", "top1_expert", "r_agg"), ("top1_expert", "r_agg"),
+                       labels=("top1_expert",))
+    out = variant_input(Variant("derived", "capacity"), fm, logits, conf, rng)
+    np.testing.assert_array_equal(out[:, 0], conf)
+    first = derived_feature(DERIVED_FEATURES[0], logits)
+    np.testing.assert_array_equal(out[:, 1], quantile_tiles(first, 4).astype(float))
+    assert np.unique(out[:, 1]).size == 4 and np.bincount(out[:, 1].astype(int)).min() >= 99
+    np.testing.assert_array_equal(out[:, 2], derived_feature(DERIVED_FEATURES[1], logits))

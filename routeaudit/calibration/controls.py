@@ -18,6 +18,11 @@ variant                   input                                                 
 ``predictive_entropy``    routing columns replaced by one predictive-entropy column      probe
 ========================  =============================================================  ==========
 
+A label column (a routing feature that is a label, e.g. ``top1_expert``) has a derived twin
+of the same cardinality: as many equal-mass cells of a confidence-derived feature as the
+label has values, so a calibrator that fits one parameter set per label value fits as many
+in its twin (a continuous column would give it many more).
+
 Each split (calibration, evaluation) is transformed separately, with its own permutation,
 so a shuffled twin is fitted and evaluated on shuffled profiles alike.
 """
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from routeaudit.calibration.features import DERIVED_FEATURES, FeatureMatrix, derived_feature
+from routeaudit.metrics import quantile_tiles
 from routeaudit.stats import confidence_bins
 
 
@@ -88,8 +94,13 @@ def variant_input(variant: Variant, fm: FeatureMatrix, logits: np.ndarray, conf:
     if kind == "zeros":
         out[:, cols] = 0.0
     elif kind == "derived":
+        label_cols = set(fm.routing_columns(fm.labels).tolist()) if fm.labels else set()
         for j, col in enumerate(cols):
-            out[:, col] = derived_feature(DERIVED_FEATURES[j % len(DERIVED_FEATURES)], logits)
+            value = derived_feature(DERIVED_FEATURES[j % len(DERIVED_FEATURES)], logits)
+            if col in label_cols:  # a label: as many equal-mass cells as it has values
+                levels = max(1, np.unique(X[:, col]).size)
+                value = quantile_tiles(value, levels).astype(np.float64)
+            out[:, col] = value
     elif kind == "shuffled_global":
         out[:, cols] = X[rng.permutation(X.shape[0])][:, cols]
     elif kind == "shuffled_within_bin":

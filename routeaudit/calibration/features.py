@@ -54,6 +54,7 @@ class FeatureMatrix:
     X: np.ndarray  # [N, d] float64
     column_feature: tuple[str, ...]  # feature name of each column
     routing_features: tuple[str, ...]  # declared features that are routing-derived
+    labels: tuple[str, ...] = ()  # routing features that are labels (an expert index)
 
     def columns_of(self, feature: str) -> np.ndarray:
         """Indices of the columns that came from ``feature``."""
@@ -94,7 +95,8 @@ def feature_matrix(features: Sequence[str], cache: FeatureCache) -> FeatureMatri
         owners.extend([name] * block.shape[1])
         if is_routing_feature(name, cache) and name not in routing:
             routing.append(name)
-    return FeatureMatrix(np.concatenate(blocks, axis=1), tuple(owners), tuple(routing))
+    labels = tuple(name for name in routing if cache.registry.get(name).categorical)
+    return FeatureMatrix(np.concatenate(blocks, axis=1), tuple(owners), tuple(routing), labels)
 
 
 def check_features(features: Sequence[str], traces: TraceSet, registry: SummaryRegistry) -> None:

@@ -47,16 +47,18 @@ def resolve_spec(calibrator: Any) -> CalibratorSpec:
     return spec
 
 
-def tertile_summary(spec: CalibratorSpec, fm: FeatureMatrix, requested: str | None) -> str:
+def tertile_summary(spec: CalibratorSpec, fm: FeatureMatrix, requested: str | None,
+                    categorical: frozenset[str] = frozenset()) -> str:
     """Which routing summary defines the worst-tertile partition.
 
-    The user's choice, else the candidate's first scalar routing feature, else ``r_agg``
-    (for profile-only candidates).
+    The user's choice, else the candidate's first scalar routing feature that is not a
+    label (an expert index has no order, so its "tertiles" mean nothing), else ``r_agg``
+    (for profile-only or label-only candidates).
     """
     if requested:
         return requested
     for name in fm.routing_features:
-        if np.count_nonzero(np.asarray(fm.column_feature) == name) == 1:
+        if name not in categorical and np.count_nonzero(np.asarray(fm.column_feature) == name) == 1:
             return name
     return "r_agg"
 
@@ -151,11 +153,12 @@ def _seed_study(spec: CalibratorSpec, seed: SeedData, variants: Sequence[Variant
                 setting: Setting, tertile: str | None, n_boot: int, level: float
                 ) -> tuple[SeedResult, str]:
     fm_all = feature_matrix(spec.features, seed.features)
-    summary = tertile_summary(spec, fm_all, tertile)
+    summary = tertile_summary(spec, fm_all, tertile, frozenset(fm_all.labels))
     parts = {}
     for part in ("cal", "eval"):
         index = seed.cal_index if part == "cal" else seed.eval_index
-        fm = FeatureMatrix(fm_all.X[index], fm_all.column_feature, fm_all.routing_features)
+        fm = FeatureMatrix(fm_all.X[index], fm_all.column_feature, fm_all.routing_features,
+                           fm_all.labels)
         conf, correct = seed.conf_correct(part)
         parts[part] = (fm, seed.traces.logits[index], conf, correct)
     random_state = _random_state_for(seed.seed, spec)

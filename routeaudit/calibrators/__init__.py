@@ -7,7 +7,10 @@
 * routing-aware: :class:`NadarayaWatson` / :class:`ARCondCal` (docs/methods.md §2.6;
   estimators in ``kernel``, the evaluation engine in ``kde``, bandwidth selection in
   ``bandwidth``) and :class:`MLPCalibrator` with the batched trainer :func:`fit_many`
-  (§2.7; the estimator in ``mlp``, the torch trainer in ``mlp_training``).
+  (§2.7; the estimator in ``mlp``, the torch trainer in ``mlp_training``);
+* routing-robust (MoE): :class:`RoutingRobustCalibrator` (docs/methods.md §4: per-expert
+  Platt scaling fitted against the worst routing shift; ``routing_robust``, and its control
+  without the adversary ``per_expert_platt``).
 
 ``REFERENCE_CALIBRATORS`` maps names to the registered specs of the reference factories.
 Importing this package loads neither torch nor the heavy scipy submodules: they are imported
@@ -39,6 +42,7 @@ from routeaudit.calibrators.kernel import (
     oracle_bandwidth,
 )
 from routeaudit.calibrators.mlp import MLPCalibrator, fit_many, mlp_profile
+from routeaudit.calibrators.robust import RoutingRobustCalibrator, per_expert_platt, routing_robust
 from routeaudit.calibrators.simple import (
     HistogramBinning,
     IsotonicCalibrator,
@@ -67,6 +71,8 @@ REFERENCE_CALIBRATORS: dict[str, CalibratorSpec] = {
             nw_predictive_entropy,
             nw_r_agg,
             mlp_profile,
+            routing_robust,
+            per_expert_platt,
         )
     )
     if spec is not None
@@ -84,6 +90,7 @@ __all__ = [
     "NadarayaWatson",
     "NotFittedError",
     "RawCalibrator",
+    "RoutingRobustCalibrator",
     "TemperatureScaling",
     "calibrator",
     "calibrator_checks",
