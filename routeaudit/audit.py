@@ -481,8 +481,8 @@ class AuditContext:
             if feature not in self.summaries:
                 continue
             summary = self.summaries.get(feature)
-            if summary.kind != "routing":
-                continue
+            if summary.kind != "routing" or summary.categorical:
+                continue  # a label (an expert index) has no strata to compare
             if summary.shape == "scalar":
                 names.append(feature)
             else:

@@ -92,3 +92,14 @@ def test_moe_summaries_are_not_offered_on_depth_sources():
     with pytest.raises(UsageError, match="needs Mixture-of-Experts traces"):
         default_registry().check("top1_margin", ts)
     assert "top1_prob" not in default_registry().default_cells(ts)
+
+
+def test_a_label_feature_is_never_a_matched_claim():
+    """A calibrator on [confidence, top1_expert] claims nothing about strata of an expert
+    index: the matched audits fall back to the summaries that apply."""
+    from routeaudit.calibrators import routing_robust
+
+    ts = moe_traces()
+    ctx = AuditContext.for_traces(ts, seeds=(0,), calibrator=routing_robust)
+    assert ctx.calibrator_summaries() == []
+    assert [c["summary"] for c in ctx.summary_cells()] == default_registry().default_cells(ts)
