@@ -74,8 +74,9 @@ def test_frozen_reports_no_variation(npz, tmp_path):
     # audits this target cannot run are listed as skipped, with why
     skipped = {v["audit"]: v["reason"] for v in report["verdicts"] if v["status"] == "skip"}
     assert set(skipped) == {"capacity_control", "shuffled_profile", "baseline_gain",
-                            "bandwidth_sensitivity", "causal_ablation"}
+                            "bandwidth_sensitivity", "causal_ablation", "expert_calibration"}
     assert "calibrator" in skipped["capacity_control"]
+    assert "not a mixture of experts" in skipped["expert_calibration"]
     assert "not a model" in skipped["causal_ablation"]
 
 

@@ -246,3 +246,12 @@ def test_run_help_lists_the_options_plugins_add(capsys):
     assert "--mass-min" in out and "--schedule-tol" in out and "--json" in out
     assert main(["run", "--help", "-p", "no:causal_ablation"]) == 0
     assert "--mass-min" not in capsys.readouterr().out
+
+
+def test_naming_a_builtin_module_with_p_is_harmless(npz, tmp_path):
+    """`-p routeaudit.audits.X` names a module that is already registered as a built-in:
+    it is the same plugin, not an internal error (it used to end in exit 3)."""
+    code, report = run([npz, "-p", "routeaudit.audits.content_dependence",
+                        "--audit", "content_dependence"], tmp_path)
+    assert code in (0, 1)
+    assert [v["audit"] for v in report["verdicts"]] == ["content_dependence"]

@@ -89,7 +89,7 @@ class Study:
         return [s.metrics[key][name] for s in self.seeds]
 
 
-def _random_state_for(seed: int, spec: CalibratorSpec) -> int:
+def random_state_for(seed: int, spec: CalibratorSpec) -> int:
     """One integer per (calibrator, seed), shared by the candidate and all its twins, so the
     twins differ from the candidate only in their input (same init, same minibatch order)."""
     return int(rng_for("calibrator-init", spec.name, seed).integers(0, 2**31 - 1))
@@ -161,7 +161,7 @@ def _seed_study(spec: CalibratorSpec, seed: SeedData, variants: Sequence[Variant
                            fm_all.labels)
         conf, correct = seed.conf_correct(part)
         parts[part] = (fm, seed.traces.logits[index], conf, correct)
-    random_state = _random_state_for(seed.seed, spec)
+    random_state = random_state_for(seed.seed, spec)
     jobs, keys = [], []
     for variant in [CANDIDATE, *variants]:
         inputs = {}

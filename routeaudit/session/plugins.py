@@ -36,6 +36,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "bandwidth_sensitivity": "routeaudit.audits.bandwidth_sensitivity",
     "content_dependence": "routeaudit.audits.content_dependence",
     "causal_ablation": "routeaudit.audits.causal_ablation",
+    "expert_calibration": "routeaudit.audits.expert_calibration",
     "terminal": "routeaudit.report.terminal",
     "jsonreport": "routeaudit.report.jsonreport",
     "junitxml": "routeaudit.report.junitxml",
@@ -85,6 +86,8 @@ def make_plugin_manager(
         if call.excinfo is not None:
             _record(failures, PluginFailure(name, "import", call))
             continue
+        if pm.is_registered(call.result):  # e.g. -p routeaudit.audits.X: a built-in already
+            continue
         pm.register(call.result, name=name)
     if load_entry_points:
         for ep in _entry_points():
@@ -93,6 +96,8 @@ def make_plugin_manager(
             call = CallInfo.from_call(ep.load, when=f"load entry point {ep.name}")
             if call.excinfo is not None:
                 _record(failures, PluginFailure(ep.name, "import", call))
+                continue
+            if pm.is_registered(call.result):  # the same module under another name
                 continue
             pm.register(call.result, name=ep.name)
     return pm
