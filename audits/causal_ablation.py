@@ -30,7 +30,6 @@ ablatable slices: ``inconclusive``.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 import routeaudit.metrics as metrics
+import routeaudit.optiontypes as optiontypes
 from routeaudit.audit import AuditContext, BaseAudit
 from routeaudit.hookspecs import hookimpl
 from routeaudit.model.intervention import RoutingIntervention
@@ -387,18 +387,8 @@ class CausalAblationAudit(BaseAudit):
                            evidence=decision.evidence, per_seed=per_seed)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer: {text}")
-    return value
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number: {text}")
-    return value
 
 
 @hookimpl
@@ -406,10 +396,10 @@ def routeaudit_addoption(parser: Any) -> None:
     group = parser.getgroup("causal_ablation")
     group.add_argument("--mass-min", type=float, default=MASS_MIN, metavar="M",
                        help=f"a slice holding routing mass >= M must have an effect ({MASS_MIN:g})")
-    group.add_argument("--nll-margin", type=_non_negative, default=NLL_MARGIN, metavar="M",
+    group.add_argument("--nll-margin", type=optiontypes.non_negative, default=NLL_MARGIN, metavar="M",
                        help="an appreciable-mass slice whose ΔNLL is shown below M nats refutes "
                             f"the claim ({NLL_MARGIN:g})")
-    group.add_argument("--depth-bands", type=_positive_int, default=DEPTH_BANDS, metavar="N",
+    group.add_argument("--depth-bands", type=optiontypes.positive_int, default=DEPTH_BANDS, metavar="N",
                        help=f"depth bands per sublayer type ({DEPTH_BANDS}: early/late)")
     group.add_argument("--no-renormalize", action="store_true",
                        help="zero the masked weights instead of renormalizing the rest")

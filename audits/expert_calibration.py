@@ -61,7 +61,6 @@ data would decide (the estimators' bias shrinks like their noise, so it is part 
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -71,7 +70,8 @@ from typing import Any
 import numpy as np
 
 import routeaudit.metrics as metrics
-from routeaudit.audit import AuditContext, BaseAudit, SeedData, seeds_for
+import routeaudit.optiontypes as optiontypes
+from routeaudit.audit import AuditContext, BaseAudit, SeedData, experts_missing, seeds_for
 from routeaudit.hookspecs import hookimpl
 from routeaudit.stats import holm
 from routeaudit.stats.bootstrap import resampling_counts
@@ -156,16 +156,9 @@ def _ece_terms(s: np.ndarray, q: np.ndarray, mass: np.ndarray, n_units: int
 
 
 def applicability(traces: TraceSet) -> str | None:
-    """Why the audit does not apply to these traces (its ``skip`` reason), or None: it needs
-    a mixture of experts (``expert_logits``, hard routing, or ``meta.source_kind ==
-    "experts"``); depth routing (Attention Residuals) has no experts to be calibrated."""
-    meta = traces.meta
-    if traces.expert_logits is not None or meta.routing_mode == "hard" or \
-            meta.source_kind == "experts":
-        return None
-    return ("not a mixture of experts: the traces have no expert_logits [N, E, K], soft "
-            "routing over depth sources (meta.source_kind 'depth'), so no routed region has "
-            "an expert whose calibration could be claimed")
+    """Why the audit does not apply to these traces, or None (the ``experts`` need, which the
+    runner checks before the audit runs: :func:`routeaudit.audit.experts_missing`)."""
+    return experts_missing(traces)
 
 
 @dataclass(frozen=True)
@@ -604,7 +597,7 @@ class ExpertCalibrationAudit(BaseAudit):
     name = "expert_calibration"
     claim = ("Every expert is calibrated on its routed region, the routed aggregate is "
              "calibrated, and it stays calibrated under every routing-only shift in the class.")
-    needs = frozenset({"traces"})
+    needs = frozenset({"traces", "experts"})
     min_examples = 50
 
     def planted_cases(self) -> str:
@@ -955,45 +948,25 @@ class CellResult:
 # --------------------------------------------------------------------------- options, hooks
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a positive number: {text}")
-    return value
 
 
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not (value >= 1 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a number >= 1: {text}")
-    return value
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a non-negative number: {text}")
-    return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer: {text}")
-    return value
 
 
 @hookimpl
 def routeaudit_addoption(parser: Any) -> None:
     group = parser.getgroup("expert_calibration")
-    group.add_argument("--ece-tol", type=_positive, default=ECE_TOL, metavar="T",
+    group.add_argument("--ece-tol", type=optiontypes.positive_number, default=ECE_TOL, metavar="T",
                        help=f"a calibration claim holds when its ECE15 is <= T ({ECE_TOL:g})")
-    group.add_argument("--shift-ratio", type=_ratio, default=SHIFT_RATIO, metavar="R",
+    group.add_argument("--shift-ratio", type=optiontypes.at_least_one, default=SHIFT_RATIO, metavar="R",
                        help="routing-only shifts with likelihood ratio <= R per routed expert "
                             f"({SHIFT_RATIO:g}: any mix of regions holding >= 1/R of the data)")
-    group.add_argument("--shift-kl", type=_non_negative, default=None, metavar="RHO",
+    group.add_argument("--shift-kl", type=optiontypes.non_negative, default=None, metavar="RHO",
                        help="use the KL ball E_P[w log w] <= RHO as the shift class instead")
-    group.add_argument("--min-expert-tokens", type=_positive_int, default=MIN_EXPERT_TOKENS,
+    group.add_argument("--min-expert-tokens", type=optiontypes.positive_int, default=MIN_EXPERT_TOKENS,
                        metavar="N", help="fewer routed evaluation tokens than N leave an "
                        f"expert's claim undecided ({MIN_EXPERT_TOKENS})")
 

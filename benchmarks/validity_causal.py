@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import numpy as np
 
+from benchmarks._output import Tee
 from routeaudit.audits.causal_ablation import NLL_MARGIN, decide_slices
 from routeaudit.stats.rates import bound, rate_text
 
@@ -187,16 +188,6 @@ def fixtures(n_boot: int) -> None:
                     print(f"      {r['slice']:<22} mass {r['mass']:.3f}  ΔNLL "
                           f"{r['delta_nll']:+.4f} [{r['ci'][0]:+.4f}, {r['ci'][1]:+.4f}]" + pair)
 
-
-class Tee(io.TextIOBase):
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for s in self.streams:
-            s.write(text)
-            s.flush()
-        return len(text)
 
 
 def main() -> None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import io
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import numpy as np
 
+from benchmarks._output import Tee
 from routeaudit.audit import AuditContext, AuditSettings
 from routeaudit.audits.expert_calibration import ECE_TOL, ExpertCalibrationAudit
 from routeaudit.simulation.experts import KINDS, generate_moe, moe_truth
@@ -163,16 +163,6 @@ def speed() -> None:
         audit.run(ctx, audit.cells(ctx))
         print(f"  {kind}: {time.perf_counter() - started:.1f} s")
 
-
-class Tee(io.TextIOBase):
-    def __init__(self, *streams):
-        self.streams = streams
-
-    def write(self, text: str) -> int:
-        for s in self.streams:
-            s.write(text)
-            s.flush()
-        return len(text)
 
 
 def main() -> None:

@@ -62,13 +62,27 @@ __all__ = [
     "SeedTally",
     "SerialExecutor",
     "audit_member",
+    "experts_missing",
     "seeds_for",
 ]
 
 Cell = dict[str, Any]
 
 #: Needs an audit may declare; the runner gives a ``skip`` row when one is unmet.
-NEEDS = ("traces", "calibrator", "model")
+NEEDS = ("traces", "calibrator", "model", "experts")
+
+
+def experts_missing(traces: TraceSet) -> str | None:
+    """Why ``traces`` are not a mixture of experts (the ``experts`` need), or None: it
+    takes ``expert_logits``, hard routing, or ``meta.source_kind == "experts"``; depth
+    routing (Attention Residuals) has no experts to be calibrated."""
+    meta = traces.meta
+    if traces.expert_logits is not None or meta.routing_mode == "hard" or \
+            meta.source_kind == "experts":
+        return None
+    return ("not a mixture of experts: the traces have no expert_logits [N, E, K], soft "
+            "routing over depth sources (meta.source_kind 'depth'), so no routed region has "
+            "an expert whose calibration could be claimed")
 
 
 class Audit(Protocol):
@@ -82,9 +96,10 @@ class Audit(Protocol):
     """The claim in one sentence; every verdict of the audit repeats it."""
 
     needs: frozenset[str]
-    """What the audit needs, drawn from ``{"traces", "calibrator", "model"}``. When a target
-    lacks one (no registered calibrator; no model adapter with ``intervene``), the audit
-    gets one ``skip`` row saying so instead of running."""
+    """What the audit needs, drawn from ``{"traces", "calibrator", "model", "experts"}``.
+    When a target lacks one (no registered calibrator; no model adapter with ``intervene``;
+    traces that are not a mixture of experts, :func:`experts_missing`), the audit gets one
+    ``skip`` row saying so instead of running."""
 
     min_examples: int
     """Optional (default 1): fewer examples than this in a target is invalid traces (exit 4)."""

@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import routeaudit.optiontypes as optiontypes
 from routeaudit._version import __version__
 from routeaudit.errors import RouteAuditError, TraceValidationError, UsageError
 from routeaudit.verdict import ExitCode
@@ -41,25 +42,10 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _probability(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1: {text}")
-    return value
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer: {text}")
-    return value
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0: {text}")
-    return value
 
 
 #: Replicates per planted size of ``validate --quick`` (routeaudit.session.validate.QUICK).
@@ -79,27 +65,28 @@ def add_run_options(parser: Parser, *, early: bool = False) -> None:
     st = parser.getgroup("statistics")
     st.add_argument("--seeds", type=_seeds, default=[0, 1, 2], metavar="0,1,2",
                     help="seeds; each redraws the 50/50 calibration/evaluation split (default 0,1,2)")
-    st.add_argument("--alpha", type=_probability, default=0.05, help="significance level (0.05)")
-    st.add_argument("--permutations", type=_positive, default=999,
+    st.add_argument("--alpha", type=optiontypes.probability, default=0.05, help="significance level (0.05)")
+    st.add_argument("--permutations", type=optiontypes.positive_int, default=999,
                     help="permutations per test (999)")
-    st.add_argument("--sequential-h", type=_positive, default=None, metavar="H",
+    st.add_argument("--sequential-h", type=optiontypes.positive_int, default=None, metavar="H",
                     help="Besag-Clifford early stop after H exceedances (default off)")
-    st.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap replicates (1000)")
-    st.add_argument("--bins", type=_positive, default=15, help="confidence bins (15)")
+    st.add_argument("--bootstrap", type=optiontypes.positive_int, default=1000,
+                    help="bootstrap replicates (1000)")
+    st.add_argument("--bins", type=optiontypes.positive_int, default=15, help="confidence bins (15)")
     st.add_argument("--bin-strategy", choices=["equal_mass", "equal_width"], default="equal_mass",
                     help="confidence bins for matching (equal_mass)")
     st.add_argument("--strata", choices=["within_bin", "global"], default="within_bin",
                     help="routing tertiles inside each confidence bin (default) or overall")
-    st.add_argument("--min-count", type=_positive, default=5,
+    st.add_argument("--min-count", type=optiontypes.positive_int, default=5,
                     help="least examples in a (bin, stratum) cell for it to count (5)")
     st.add_argument("--stability", choices=["all", "majority"], default="all",
                     help="a claim must hold in all seeds (default) or a majority")
     st.add_argument("--inconclusive", choices=["fail", "warn"], default="fail",
                     help="whether an inconclusive verdict fails the run (fail)")
-    st.add_argument("--tv-min", type=_non_negative, default=1e-4, metavar="TV",
+    st.add_argument("--tv-min", type=optiontypes.non_negative, default=1e-4, metavar="TV",
                     help="routing whose largest per-layer TV distance from the mean routing is "
                          "below TV is content-independent (1e-4; 0 turns the check off)")
-    st.add_argument("--gap-margin", type=_non_negative, default=0.01, metavar="M",
+    st.add_argument("--gap-margin", type=optiontypes.non_negative, default=0.01, metavar="M",
                     help="an excess matched-confidence gap shown below M refutes the "
                          "routing-signal claim (0.01)")
     cal = parser.getgroup("calibrator audits")
@@ -108,7 +95,7 @@ def add_run_options(parser: Parser, *, early: bool = False) -> None:
     cal.add_argument("--tertile-summary", metavar="NAME", default=None,
                      help="routing summary whose tertiles define worst-tertile ECE (default: the "
                           "calibrator's first scalar routing feature, else r_agg)")
-    cal.add_argument("--gain-margin", type=_non_negative, default=0.005, metavar="M",
+    cal.add_argument("--gain-margin", type=optiontypes.non_negative, default=0.005, metavar="M",
                      help="a gain in worst-tertile ECE shown below M refutes the claim (0.005)")
     ext = parser.getgroup("extraction")
     ext.add_argument("--device", default=None,
@@ -152,7 +139,7 @@ def build_parser(*, early: bool = False) -> Parser:
     val.add_argument("--quick", action="store_true",
                      help=f"{QUICK_REPLICATES} replicates per size, fewer permutations and "
                           "bootstrap replicates, no calibrator audits (about a minute)")
-    val.add_argument("--replicates", type=_positive, default=None, metavar="R",
+    val.add_argument("--replicates", type=optiontypes.positive_int, default=None, metavar="R",
                      help=f"replicates per planted size (default 100; {QUICK_REPLICATES} with --quick)")
     lst = sub.add_parser("audits", help="list the audits that plugins provide", add_help=not early)
     lst.add_argument("targets", nargs="*", metavar="TARGET", help="adapter files whose plugins count")

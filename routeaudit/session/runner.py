@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from routeaudit._version import __version__
-from routeaudit.audit import Audit, AuditContext, SerialExecutor, audit_member, seeds_for
+from routeaudit.audit import (
+    Audit,
+    AuditContext,
+    SerialExecutor,
+    audit_member,
+    experts_missing,
+    seeds_for,
+)
 from routeaudit.calibration.features import check_features
 from routeaudit.calibrators import REFERENCE_CALIBRATORS
 from routeaudit.calibrators.base import spec_of
@@ -96,6 +103,8 @@ def unmet_need(audit: Audit, ctx: AuditContext) -> str | None:
             return "the target is traces, not a model: this audit re-runs the model"
         return (f"the model adapter {type(ctx.session.adapter).__name__} does not implement "
                 "intervene(model, intervention), which this audit needs")
+    if "experts" in audit.needs and ctx.seeds:
+        return experts_missing(ctx.seeds[0].traces)
     return None
 
 
