@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from routeaudit.cli import main  # noqa: E402
+from routeaudit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
