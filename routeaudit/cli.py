@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -217,16 +218,19 @@ def split_plugin_args(argv: list[str]) -> tuple[list[str], list[str]]:
     return plugins, rest
 
 
-def _main(argv: list[str]) -> int:
-    parser = build_parser()
-    plugin_args, argv = split_plugin_args(argv)
-    if not argv:
-        parser.print_help()
-        return int(ExitCode.USAGE_ERROR)
-    early, _ = build_parser(early=True).parse_known_args(argv)
-    if early.command is None:  # `routeaudit --help`, `--version` or a usage error: no plugins
-        parser.parse_args(argv)
-        return int(ExitCode.USAGE_ERROR)
+@dataclass
+class Startup:
+    """What every command starts from: plugins loaded, options parsed, the session config."""
+
+    options: argparse.Namespace
+    config: Any
+    modules: dict[str, Any]
+    caller: Any
+
+
+def start(plugin_args: list[str], argv: list[str]) -> Startup:
+    """Load plugins (``-p``, entry points, the targets' own .py files), let them add options,
+    then parse ``argv``. argparse's usage errors exit (SystemExit) as argparse does."""
     from routeaudit.session.calls import HookCaller, PluginFailure
     from routeaudit.session.config import Config
     from routeaudit.session.plugins import (
@@ -237,6 +241,8 @@ def _main(argv: list[str]) -> int:
     )
     from routeaudit.summaries import default_registry
 
+    parser = build_parser()
+    early, _ = build_parser(early=True).parse_known_args(argv)
     failures: list[PluginFailure] = []
     pm = make_plugin_manager(plugin_args, load_entry_points=not early.no_entry_points,
                              failures=failures)
@@ -252,6 +258,32 @@ def _main(argv: list[str]) -> int:
     options = parser.parse_args(argv)
     config = Config(options=options, pluginmanager=pm, summaries=default_registry(),
                     failures=failures)
+    return Startup(options=options, config=config, modules=modules, caller=caller)
+
+
+def finish(config: Any, exit_code: int) -> list[Any]:
+    """Call ``routeaudit_sessionfinish``; the plugins that raised in it."""
+    from routeaudit.session.calls import HookCaller, PluginFailure
+
+    failed: list[PluginFailure] = []
+    HookCaller(config.pluginmanager, failed).call("routeaudit_sessionfinish", config=config,
+                                                   exitstatus=exit_code)
+    return failed
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser()
+    plugin_args, argv = split_plugin_args(argv)
+    if not argv:
+        parser.print_help()
+        return int(ExitCode.USAGE_ERROR)
+    early, _ = build_parser(early=True).parse_known_args(argv)
+    if early.command is None:  # `routeaudit --help`, `--version` or a usage error: no plugins
+        parser.parse_args(argv)
+        return int(ExitCode.USAGE_ERROR)
+    started = start(plugin_args, argv)
+    options, config, modules, caller = (started.options, started.config, started.modules,
+                                        started.caller)
     if options.command == "audits":
         return _list_audits(config)
     if options.command == "extract":
@@ -264,13 +296,11 @@ def _main(argv: list[str]) -> int:
     from routeaudit.session.runner import run_session
 
     report = run_session(config, options.targets, modules)
-    finish: list[PluginFailure] = []
-    HookCaller(pm, finish).call("routeaudit_sessionfinish", config=config,
-                                exitstatus=report.exit_code)
-    for failure in finish:  # the reports are written: say it here, and fail the run
+    finished = finish(config, report.exit_code)
+    for failure in finished:  # the reports are written: say it here, and fail the run
         print(f"routeaudit: plugin {failure.plugin!r}: {failure.verdict().reason}\n"
               f"{failure.call.traceback}", file=sys.stderr)
-    if finish and report.exit_code == ExitCode.OK:
+    if finished and report.exit_code == ExitCode.OK:
         return int(ExitCode.VERDICT_FAILED)
     return report.exit_code
 

@@ -100,6 +100,8 @@ class Report(BaseModel):
     targets: list[str]
     seeds: list[int]
     config: dict[str, Any]
+    config_sources: dict[str, str] = Field(default_factory=dict)
+    """Where each value of ``config`` came from: ``default``, ``pyproject.toml`` or ``command line``."""
     verdicts: list[Verdict]
     summary: Summary
     duration_s: float = 0.0

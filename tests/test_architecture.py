@@ -77,7 +77,7 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[tuple[str, int]]:
 
 
 #: The public API: user code (fixtures, plugins) may import these; nothing else may.
-PUBLIC_FACADES = ("routeaudit", "routeaudit.hf")
+PUBLIC_FACADES = ("routeaudit", "routeaudit.hf", "routeaudit.testing")
 
 
 def _nearest(dotted: str, known: set[str]) -> str:

@@ -29,6 +29,9 @@ class Config:
     """Free space for plugins."""
     failures: list[PluginFailure] = field(default_factory=list)
     """Plugin hooks that raised outside any audit; each is an ``error`` row, reported first."""
+    sources: dict[str, str] = field(default_factory=dict)
+    """Where each option's value came from (``pyproject.toml``, ``command line``); an option
+    not named here has its default."""
 
     @property
     def hook(self) -> Any:
@@ -66,3 +69,7 @@ class Config:
             else:
                 out[key] = str(value)
         return out
+
+    def source_of(self) -> dict[str, str]:
+        """For every recorded option, where its value came from."""
+        return {key: self.sources.get(key, "default") for key in self.as_dict()}

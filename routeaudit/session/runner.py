@@ -270,7 +270,8 @@ def build_report(config: Config, targets: list[str], verdicts: list[Verdict],
     rows = [failure.verdict() for failure in config.failures] + verdicts
     code = exit_code_for(rows, inconclusive_fails=config.options.inconclusive == "fail")
     return Report(routeaudit_version=__version__, exit_code=int(code), targets=targets,
-                  seeds=config.options.seeds, config=config.as_dict(), verdicts=rows,
+                  seeds=config.options.seeds, config=config.as_dict(),
+                  config_sources=config.source_of(), verdicts=rows,
                   summary=Summary.of(rows), duration_s=time.perf_counter() - started)
 
 
