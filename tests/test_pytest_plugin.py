@@ -35,7 +35,9 @@ def cli_statuses(target: Path, tmp_path: Path, env: dict[str, str] | None = None
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest("-p", PLUGIN, "-p", "no:cacheprovider",
+    """pytest in a subprocess: an in-process run would have pytester drop the modules the
+    battery imported from sys.modules afterwards, leaving stale classes for later tests."""
+    return pytester.runpytest_subprocess("-p", PLUGIN, "-p", "no:cacheprovider",
                               f"--routeaudit-args={FAST}", *args)
 
 
@@ -111,10 +113,10 @@ def test_two_targets_each_run_once(pytester: pytest.Pytester, tmp_path: Path) ->
 
 def test_bad_options_are_usage_errors(pytester: pytest.Pytester) -> None:
     target = str(FIX / "planted.npz")
-    bad = pytester.runpytest("-p", PLUGIN, "--routeaudit", target, "--routeaudit-args=--seeds x")
+    bad = pytester.runpytest_subprocess("-p", PLUGIN, "--routeaudit", target, "--routeaudit-args=--seeds x")
     assert bad.ret == pytest.ExitCode.USAGE_ERROR
     assert "--seeds" in bad.stderr.str()
-    unknown = pytester.runpytest("-p", PLUGIN, "--routeaudit", target,
+    unknown = pytester.runpytest_subprocess("-p", PLUGIN, "--routeaudit", target,
                                  "--routeaudit-args=--audit nosuchaudit")
     assert unknown.ret == pytest.ExitCode.USAGE_ERROR
     assert "nosuchaudit" in unknown.stderr.str()
@@ -157,7 +159,7 @@ def test_fixture_helpers(pytester: pytest.Pytester) -> None:
             with pytest.raises(AssertionError, match="no verdict of nosuch"):
                 result.assert_passes("nosuch")
     """)
-    result = pytester.runpytest("-p", PLUGIN, "-p", "no:cacheprovider")
+    result = pytester.runpytest_subprocess("-p", PLUGIN, "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
 
 
