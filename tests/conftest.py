@@ -12,6 +12,12 @@ import torch
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _no_github_step_summary(monkeypatch):
+    """GitHub Actions sets GITHUB_STEP_SUMMARY; runs under test must not append to it."""
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+
+
 @pytest.fixture(scope="session")
 def planted_traces():
     from routeaudit.fixtures.synthetic import make_traces

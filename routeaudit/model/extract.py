@@ -18,6 +18,7 @@ Why it is shaped this way (docs/architecture.md):
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -75,10 +76,13 @@ def autocast_context(device: Any, mode: str) -> contextlib.AbstractContextManage
 
 # ---------------------------------------------------------------------------- progress
 class Progress:
-    """A one-line progress report on stderr: batches, examples, examples/s, ETA.
+    """Progress of a pass over the batches on stderr (tqdm): batches, examples, examples/s,
+    ETA, elapsed time.
 
-    ``mode``: True or ``"auto"`` draws only on a terminal; ``"always"`` (or ``"force"``)
-    draws anywhere (one line per update, throttled, for logs); False/``"never"`` is silent.
+    ``mode``: True or ``"auto"`` draws only on a terminal (tqdm's ``disable=None``);
+    ``"always"`` (or ``"force"``) draws anywhere (throttled to one redraw per 5 s off a
+    terminal, for logs); False/``"never"`` is silent. The bar starts with the first batch,
+    so its first line already has a rate, and it stays on screen when the pass ends.
     """
 
     def __init__(self, label: str, *, total: int | None, unit: str = "examples",
@@ -88,57 +92,62 @@ class Progress:
         mode = {True: "auto", False: "never", None: "never", "force": "always"}.get(mode, mode)
         if mode not in ("auto", "always", "never"):
             raise UsageError(f"progress must be auto, always or never, not {mode!r}")
+        self.mode = mode
         self.enabled = mode == "always" or (mode == "auto" and self.tty)
         self.label, self.total, self.unit = label, total, unit
         self.batches = self.examples = 0
-        self.started = self.last_draw = time.perf_counter()
-        self._width = 0
+        self.started = time.perf_counter()
+        self.bar: Any = None
 
     def update(self, n_examples: int) -> None:
         self.batches += 1
         self.examples += n_examples
         if not self.enabled:
             return
-        now = time.perf_counter()
-        if now - self.last_draw >= (0.1 if self.tty else 5.0):
-            self._draw(now)
+        if self.bar is None:
+            self.bar = _bar_class()(self, total=self.total, initial=self.batches, desc=self.label,
+                                    file=self.stream, unit=self.unit, leave=True,
+                                    disable=None if self.mode == "auto" else False,
+                                    mininterval=0.1 if self.tty else 5.0)
+        else:
+            self.bar.update(1)
 
     def close(self) -> None:
-        if self.enabled:
-            self._draw(time.perf_counter(), final=True)
+        if self.bar is not None:
+            self.bar.close()
 
     def line(self, now: float | None = None) -> str:
-        elapsed = max((now or time.perf_counter()) - self.started, 1e-9)
-        rate = self.examples / elapsed
+        """The line tqdm draws: it counts batches, but the rate that matters is examples/s,
+        and the ETA is by batches from the start of the pass."""
+        from tqdm import tqdm
+
+        elapsed = max((time.perf_counter() if now is None else now) - self.started, 1e-9)
         batches = f"{self.batches}/{self.total}" if self.total else str(self.batches)
         text = (f"{self.label}: batch {batches}, {self.examples} {self.unit}, "
-                f"{rate:.0f} {self.unit}/s")
+                f"{self.examples / elapsed:.0f} {self.unit}/s")
         if self.total and 0 < self.batches < self.total:
             eta = elapsed / self.batches * (self.total - self.batches)
-            text += f", ETA {_duration(eta)}"
-        return text + f", {_duration(elapsed)} elapsed"
-
-    def _draw(self, now: float, final: bool = False) -> None:
-        self.last_draw = now
-        text = self.line(now)
-        if self.tty:
-            pad = " " * max(self._width - len(text), 0)
-            self._width = len(text)
-            self.stream.write(f"\r{text}{pad}" + ("\n" if final else ""))
-        else:
-            self.stream.write(text + "\n")
-        self.stream.flush()
+            text += f", ETA {tqdm.format_interval(eta)}"
+        return text + f", {tqdm.format_interval(elapsed)} elapsed"
 
 
-def _duration(seconds: float) -> str:
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m{seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m"
+@functools.cache
+def _bar_class() -> type:
+    """tqdm counting batches whose line is :meth:`Progress.line` (tqdm imported lazily)."""
+    from tqdm import tqdm
+
+    class BatchBar(tqdm):  # type: ignore[misc]
+        monitor_interval = 0  # no monitor thread: the bar redraws on each batch anyway
+
+        def __init__(self, progress: Progress, **kwargs: Any) -> None:
+            self.progress = progress
+            super().__init__(bar_format="{line}", **kwargs)
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            return {**super().format_dict, "line": self.progress.line()}
+
+    return BatchBar
 
 
 def _n_batches(adapter: Any, batches: Iterable[Any]) -> int | None:

@@ -20,6 +20,7 @@ MARKERS = {
     "json": ('"routeaudit_version"',),
     "junitxml": ('<testsuite name="routeaudit"', "<testsuite name='routeaudit'"),
     "html": ("<title>routeaudit report</title>",),
+    "markdown": ("<!-- routeaudit markdown report -->",),
 }
 
 

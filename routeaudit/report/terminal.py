@@ -1,7 +1,9 @@
 """Terminal reporter: progress marks as verdicts arrive, then a table and a pytest-like summary.
 
 When the reader goes away (``routeaudit run ... | head``), output stops quietly: the rest of
-the run, the other reports and the exit code are unaffected.
+the run, the other reports and the exit code are unaffected. ``-v`` adds, per verdict, its
+thresholds, per-seed numbers and pooled evidence, laid out for reading (4 significant
+digits, small tables, long lists cut) rather than dumped; the JSON report has every digit.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from routeaudit.hookspecs import hookimpl
@@ -17,10 +20,108 @@ from routeaudit.verdict import Report, Status, Verdict
 MARKS = {Status.PASS: ".", Status.FAIL: "F", Status.INCONCLUSIVE: "I",
          Status.ERROR: "E", Status.SKIP: "s"}
 ORDER = [Status.FAIL, Status.ERROR, Status.INCONCLUSIVE, Status.PASS, Status.SKIP]
+#: ``config.stash`` key the runner sets while its progress bar is on stderr (see
+#: routeaudit.session.runner.PROGRESS_KEY; a plain string, as the session is a higher layer).
+PROGRESS_KEY = "routeaudit.progress"
+#: ``-v`` detail: list items shown before "… (N more)", and the indent of one level.
+MAX_ITEMS = 8
+MAX_ROWS = 12
+INDENT = "  "
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}g}"
+
+
+def value_text(value: Any) -> str:
+    """One scalar, as ``-v`` shows it: floats to 4 significant digits, None as "—"."""
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return _fmt(value)
+    if isinstance(value, (list, tuple)):
+        return _short_list(value)
+    return str(value)
+
+
+def _short_list(values: Sequence[Any]) -> str:
+    shown = ", ".join(value_text(v) for v in values[:MAX_ITEMS])
+    more = f", … ({len(values) - MAX_ITEMS} more)" if len(values) > MAX_ITEMS else ""
+    return f"[{shown}{more}]"
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (str, int, float, bool))
+
+
+def _is_flat(value: Any) -> bool:
+    """A scalar or a list of scalars: fits on one line (or one table cell)."""
+    if isinstance(value, (list, tuple)):
+        return all(_is_scalar(v) for v in value)
+    return _is_scalar(value)
+
+
+def _is_row(value: Any) -> bool:
+    return isinstance(value, Mapping) and bool(value) and all(_is_flat(v) for v in value.values())
+
+
+def _grid(rows: list[Mapping[str, Any]], index: list[str] | None = None) -> list[str]:
+    """Rows of flat mappings as a small table (columns: the union of their keys, in order)."""
+    from tabulate import tabulate
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    shown = rows[:MAX_ROWS]
+    body = [([index[i]] if index else []) + [value_text(row.get(c)) if c in row else ""
+                                             for c in columns] for i, row in enumerate(shown)]
+    headers = ([""] if index else []) + [str(c) for c in columns]
+    lines = tabulate(body, headers=headers, tablefmt="simple", disable_numparse=True).splitlines()
+    if len(rows) > MAX_ROWS:
+        lines.append(f"… ({len(rows) - MAX_ROWS} more)")
+    return lines
+
+
+def detail_lines(value: Any, depth: int = 0) -> list[str]:
+    """A nested value (threshold, per_seed, evidence) as indented ``key: value`` lines;
+    lists of records and mappings of records become tables."""
+    pad = INDENT * depth
+    if isinstance(value, Mapping):
+        if len(value) > 1 and all(_is_row(v) for v in value.values()):
+            return [pad + line for line in _grid(list(value.values()), [str(k) for k in value])]
+        lines = []
+        for key, item in value.items():
+            if _is_flat(item):
+                lines.append(f"{pad}{key}: {value_text(item)}")
+            else:
+                lines.append(f"{pad}{key}:")
+                lines.extend(detail_lines(item, depth + 1))
+        return lines
+    if isinstance(value, (list, tuple)):
+        if _is_flat(value):
+            return [pad + value_text(value)]
+        if all(_is_row(v) for v in value):
+            return [pad + line for line in _grid(list(value))]
+        lines = []
+        for item in value[:MAX_ROWS]:
+            sub = detail_lines(item, depth + 1)
+            lines.append(pad + "- " + sub[0].lstrip() if sub else pad + "-")
+            lines.extend(sub[1:])
+        if len(value) > MAX_ROWS:
+            lines.append(f"{pad}… ({len(value) - MAX_ROWS} more)")
+        return lines
+    return [pad + value_text(value)]
+
+
+def verbose_lines(verdict: Verdict) -> list[str]:
+    """What ``-v`` adds for one verdict: its thresholds, per-seed numbers and evidence."""
+    lines = [f"\n{verdict.nodeid}: {verdict.status.value}"]
+    for name in ("threshold", "per_seed", "evidence"):
+        value = getattr(verdict, name)
+        if value:
+            lines.append(f"{INDENT}{name}:")
+            lines.extend(detail_lines(value, 2))
+    return lines
 
 
 def effect_text(verdict: Verdict) -> str:
@@ -77,9 +178,22 @@ def silence_stdout() -> None:
     sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the process ends
 
 
+def _marks_tear_the_bar(config: Any) -> bool:
+    """A progress bar on stderr and marks on the same terminal would overwrite each other;
+    the bar counts the verdicts then, and the marks are left out."""
+    if not getattr(config, "stash", {}).get(PROGRESS_KEY):
+        return False
+    try:
+        return bool(sys.stdout.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 @hookimpl
 def routeaudit_verdict(config: Any, verdict: Verdict) -> None:
-    if config.options.quiet < 1:
+    if config.options.quiet < 1 and not _marks_tear_the_bar(config):
+        if isinstance(getattr(config, "stash", None), dict):
+            config.stash["terminal.marks"] = True
         write(MARKS[verdict.status])
 
 
@@ -87,16 +201,13 @@ def routeaudit_verdict(config: Any, verdict: Verdict) -> None:
 def routeaudit_report(config: Any, report: Report) -> None:
     quiet = config.options.quiet
     out: list[str] = []
-    if quiet < 1 and report.verdicts:
-        out.append("")
+    if getattr(config, "stash", {}).get("terminal.marks") and report.verdicts:
+        out.append("")  # end the line of marks
     if quiet < 2 and report.verdicts:
         out.append(table(report.verdicts, limit=None if config.options.verbose else 320))
     if config.options.verbose:
         for v in report.verdicts:
-            out.append(f"\n{v.nodeid}: {v.status.value}")
-            for entry in v.per_seed:
-                out.append("    " + ", ".join(f"{k}={_fmt(x) if isinstance(x, float) else x}"
-                                              for k, x in entry.items()))
+            out.extend(verbose_lines(v))
     for v in report.verdicts:
         if v.status is Status.ERROR and v.traceback:
             out.append(f"\n_____ {v.nodeid} _____\n{v.traceback}")

@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "jsonreport": "routeaudit.report.jsonreport",
     "junitxml": "routeaudit.report.junitxml",
     "html": "routeaudit.report.html",
+    "markdown": "routeaudit.report.markdown",
 }
 
 

@@ -8,7 +8,10 @@ a given seed gives bit-identical verdicts. Every call into plugin code goes thro
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,13 +30,16 @@ from routeaudit.calibrators.base import spec_of
 from routeaudit.errors import RouteAuditError, UsageError
 from routeaudit.session.calls import CallInfo, HookCaller, PluginFailure, error_verdicts
 from routeaudit.session.config import Config
-from routeaudit.session.selection import keyword_matches, nodeid
+from routeaudit.session.selection import Selection, nodeid
 from routeaudit.session.targets import Target, load_target, resolve_calibrator
 from routeaudit.summaries import content_independent
 from routeaudit.verdict import Report, Status, Summary, Verdict, exit_code_for
 
 #: Members an object must have to be an audit (the rest have defaults; see routeaudit.audit).
 REQUIRED_MEMBERS = ("name", "claim", "needs", "cells", "run")
+#: ``config.stash`` key that is true while a progress bar is drawn on stderr; the terminal
+#: reporter then leaves out its verdict marks, which would tear the bar's line.
+PROGRESS_KEY = "routeaudit.progress"
 
 
 def hooks(config: Config) -> HookCaller:
@@ -145,12 +151,70 @@ def make_context(config: Config, target: Target, audits: Sequence[Audit]) -> Aud
         audits={audit.name: audit for audit in audits})
 
 
-def run_audits(config: Config, target: Target, audits: list[Audit]) -> list[Verdict]:
+class GridProgress:
+    """Progress over one target's audit grid, each audit weighted by its cells × seeds (the
+    permutations, bootstraps and control fits it runs per cell and seed), on stderr.
+
+    Drawn only on a terminal and without ``-q``. It advances once an audit's verdicts are
+    in (audits report nothing finer to the runner), reads only counts, and never touches a
+    random stream or a verdict: results are identical with and without it.
+    """
+
+    def __init__(self, config: Config, label: str, total: int, stream: Any = None) -> None:
+        self.config = config
+        self.counts: Counter[str] = Counter()
+        self.current = ""
+        self.bar: Any = None
+        stream = sys.stderr if stream is None else stream
+        if total <= 0 or config.options.quiet >= 1 or not _isatty(stream):
+            return
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc=label, file=stream, leave=False, dynamic_ncols=True,
+                        mininterval=0.1,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} cell-seeds "
+                                   "[{elapsed}<{remaining}{postfix}]")
+        config.stash[PROGRESS_KEY] = True
+
+    def start(self, audit: str) -> None:
+        """Show the audit that is running now."""
+        self.current = audit
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._postfix())
+
+    def advance(self, units: int, verdicts: Sequence[Verdict]) -> None:
+        """Count an audit's verdicts and its share of the grid."""
+        self.counts.update(v.status.value for v in verdicts)
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._postfix(), refresh=False)
+            self.bar.update(units)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.config.stash.pop(PROGRESS_KEY, None)
+
+    def _postfix(self) -> str:
+        tally = ", ".join(f"{self.counts[s.value]} {s.value}" for s in Status if self.counts[s.value])
+        return " · ".join(part for part in (self.current, tally) if part)
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+def run_audits(config: Config, target: Target, audits: list[Audit],
+               selection: Selection | None = None) -> list[Verdict]:
     """Run the selected cells of every audit on one target. An exception in ``cells`` or
-    ``run`` becomes ``error`` rows; an audit whose needs are unmet becomes a ``skip`` row."""
+    ``run`` becomes ``error`` rows; an audit whose needs are unmet becomes a ``skip`` row.
+    ``selection`` counts what ``-k`` kept across targets (a fresh one when not given)."""
     ctx = make_context(config, target, audits)
     check_claims(ctx, ctx.requested_summaries)
-    keyword = config.options.keyword
+    if selection is None:
+        selection = Selection(config.options.keyword, config.options.audit)
     wanted = set(config.options.audit or [])
     rows: list[Verdict | tuple[Audit, list[dict[str, Any]]]] = []
     for audit in audits:
@@ -158,7 +222,7 @@ def run_audits(config: Config, target: Target, audits: list[Audit]) -> list[Verd
             continue
         why = unmet_need(audit, ctx)
         if why is not None:
-            if not keyword or keyword_matches(keyword, nodeid(target.name, audit.name, {})):
+            if selection.keeps(nodeid(target.name, audit.name, {})):
                 rows.append(Verdict(audit=audit.name, claim=audit.claim, status=Status.SKIP,
                                     reason=why, target=target.name))
             continue
@@ -166,8 +230,7 @@ def run_audits(config: Config, target: Target, audits: list[Audit]) -> list[Verd
         if call.failed:
             rows.extend(error_verdicts(audit, [], target.name, call))
             continue
-        cells = [c for c in call.result or []
-                 if not keyword or keyword_matches(keyword, nodeid(target.name, audit.name, c))]
+        cells = [c for c in call.result or [] if selection.keeps(nodeid(target.name, audit.name, c))]
         if not cells:
             continue
         short = too_little_data(audit, ctx)
@@ -180,9 +243,20 @@ def run_audits(config: Config, target: Target, audits: list[Audit]) -> list[Verd
     frozen = (frozen_routing_reason(ctx)
               if any(audit_member(a, "routing_aware") for a, _ in plan) else None)
 
+    n_seeds = max(len(ctx.seeds), 1)
+    progress = GridProgress(config, f"auditing {target.name}",
+                            sum(len(cells) * n_seeds for _, cells in plan))
+
     def run_one(item: Verdict | tuple[Audit, list[dict[str, Any]]]) -> list[Verdict]:
         if isinstance(item, Verdict):
+            progress.advance(0, [item])
             return [item]
+        progress.start(item[0].name)
+        batch = _run_planned(item)
+        progress.advance(len(item[1]) * n_seeds, batch)
+        return batch
+
+    def _run_planned(item: tuple[Audit, list[dict[str, Any]]]) -> list[Verdict]:
         audit, cells = item
         if frozen and audit_member(audit, "routing_aware"):
             return [ctx.verdict(audit, cell, Status.FAIL, frozen) for cell in cells]
@@ -196,10 +270,13 @@ def run_audits(config: Config, target: Target, audits: list[Audit]) -> list[Verd
     caller = hooks(config)
     executor = caller.call("routeaudit_make_executor", firstresult=True, config=config)
     verdicts: list[Verdict] = []
-    for batch in (executor or SerialExecutor()).map(run_one, rows):
-        for verdict in batch:
-            caller.call("routeaudit_verdict", config=config, verdict=verdict)
-            verdicts.append(verdict)
+    try:
+        for batch in (executor or SerialExecutor()).map(run_one, rows):
+            for verdict in batch:
+                caller.call("routeaudit_verdict", config=config, verdict=verdict)
+                verdicts.append(verdict)
+    finally:
+        progress.close()
     return verdicts
 
 
@@ -257,8 +334,12 @@ def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> 
                          "and not module:factory")
     audits = collect_audits(config)
     verdicts: list[Verdict] = []
+    selection = Selection(config.options.keyword, config.options.audit)
     for target in loaded:
-        verdicts.extend(run_audits(config, target, audits))
+        verdicts.extend(run_audits(config, target, audits, selection))
+    why = selection.nothing_selected()
+    if why is not None:  # exit 5 as before, but with the reason rather than "no verdicts"
+        _say(why)
     report = build_report(config, targets, verdicts, started)
     render(config, report)
     return report
@@ -273,6 +354,12 @@ def build_report(config: Config, targets: list[str], verdicts: list[Verdict],
                   seeds=config.options.seeds, config=config.as_dict(),
                   config_sources=config.source_of(), verdicts=rows,
                   summary=Summary.of(rows), duration_s=time.perf_counter() - started)
+
+
+def _say(text: str) -> None:
+    """One line on stderr that cannot end the run (a closed stderr loses only the line)."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"routeaudit: {text}", file=sys.stderr, flush=True)
 
 
 def render(config: Config, report: Report) -> None:
