@@ -2,9 +2,11 @@
 
 The core parser knows the options every run has (targets, selection, statistics,
 extraction, verbosity); each built-in audit and reporter adds its own through
-``routeaudit_addoption``, as pytest plugins do. Exit codes are pytest's (``ExitCode``); no
-input ends in a traceback: a user's mistake is exit 4 with one message, a plugin that raises
-is an ``error`` row (exit 1), and a closed output pipe ends quietly.
+``routeaudit_addoption``, as pytest plugins do; ``[tool.routeaudit]`` in pyproject.toml
+gives any of them a project default (routeaudit.session.projectconfig). Exit codes are
+pytest's (``ExitCode``); no input ends in a traceback: a user's mistake is exit 4 with one
+message, a plugin that raises is an ``error`` row (exit 1), and a closed output pipe ends
+quietly.
 """
 
 from __future__ import annotations
@@ -36,17 +38,14 @@ class Parser(argparse.ArgumentParser):
 def _seeds(text: str) -> list[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"--seeds expects integers like 0,1,2: {text!r}") from exc
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2, not {text!r}") from None
     if not seeds:
-        raise argparse.ArgumentTypeError("--seeds needs at least one seed")
+        raise argparse.ArgumentTypeError("needs at least one seed")
     return seeds
 
 
-
-
-
-
+_seeds.comma_list = True  # type: ignore[attr-defined]  # pyproject.toml may say seeds = [0, 1, 2]
 
 
 #: Replicates per planted size of ``validate --quick`` (routeaudit.session.validate.QUICK).
@@ -105,6 +104,19 @@ def add_run_options(parser: Parser, *, early: bool = False) -> None:
     out = parser.getgroup("reporting")
     out.add_argument("-q", "--quiet", action="count", default=0, help="less output")
     out.add_argument("-v", "--verbose", action="count", default=0, help="more output")
+    add_config_options(parser)
+
+
+def add_config_options(parser: Any) -> None:
+    """``--config FILE`` / ``--no-config`` (routeaudit.session.projectconfig), on every
+    command: the file's ``plugins`` count for listing audits and summaries too."""
+    group = parser.getgroup("configuration") if isinstance(parser, Parser) else parser
+    choice = group.add_mutually_exclusive_group()
+    choice.add_argument("--config", dest="config_file", metavar="FILE", default=None,
+                        help="read [tool.routeaudit] from FILE (default: the nearest "
+                             "pyproject.toml from the working directory upward)")
+    choice.add_argument("--no-config", action="store_true",
+                        help="ignore [tool.routeaudit] in pyproject.toml")
 
 
 def add_extraction_options(parser: Any) -> None:
@@ -144,6 +156,11 @@ def build_parser(*, early: bool = False) -> Parser:
                      help=f"replicates per planted size (default 100; {QUICK_REPLICATES} with --quick)")
     lst = sub.add_parser("audits", help="list the audits that plugins provide", add_help=not early)
     lst.add_argument("targets", nargs="*", metavar="TARGET", help="adapter files whose plugins count")
+    add_config_options(lst)
+    sm = sub.add_parser("summaries", add_help=not early,
+                        help="list the routing summaries: built-in and those plugins register")
+    sm.add_argument("targets", nargs="*", metavar="TARGET", help="adapter files whose plugins count")
+    add_config_options(sm)
     ext = sub.add_parser("extract", help="extract traces from an adapter and store them",
                          add_help=not early)
     ext.add_argument("targets", nargs="*" if early else 1, metavar="ADAPTER")
@@ -156,6 +173,7 @@ def build_parser(*, early: bool = False) -> Parser:
     ext.add_argument("-q", "--quiet", action="count", default=0)
     ext.add_argument("-v", "--verbose", action="count", default=0,
                      help="say what changed when the trace cache misses")
+    add_config_options(ext)
     return parser
 
 
@@ -229,8 +247,11 @@ class Startup:
 
 
 def start(plugin_args: list[str], argv: list[str]) -> Startup:
-    """Load plugins (``-p``, entry points, the targets' own .py files), let them add options,
-    then parse ``argv``. argparse's usage errors exit (SystemExit) as argparse does."""
+    """Read ``[tool.routeaudit]`` (routeaudit.session.projectconfig), load plugins (the
+    file's, ``-p``, entry points, the targets' own .py files), let them add options, parse
+    ``argv``, then fill in what the command line left alone from the file. argparse's usage
+    errors exit (SystemExit) as argparse does; the file's are UsageErrors naming the key."""
+    from routeaudit.session import projectconfig
     from routeaudit.session.calls import HookCaller, PluginFailure
     from routeaudit.session.config import Config
     from routeaudit.session.plugins import (
@@ -243,8 +264,11 @@ def start(plugin_args: list[str], argv: list[str]) -> Startup:
 
     parser = build_parser()
     early, _ = build_parser(early=True).parse_known_args(argv)
+    project = projectconfig.load_project_file(getattr(early, "config_file", None),
+                                              getattr(early, "no_config", False))
+    file_plugins = project.plugins()
     failures: list[PluginFailure] = []
-    pm = make_plugin_manager(plugin_args, load_entry_points=not early.no_entry_points,
+    pm = make_plugin_manager([*file_plugins, *plugin_args], load_entry_points=not early.no_entry_points,
                              failures=failures)
     modules: dict[str, Any] = {}
     for target in getattr(early, "targets", []) or []:
@@ -254,10 +278,24 @@ def start(plugin_args: list[str], argv: list[str]) -> Startup:
             register_user_module(pm, module, Path(target).name)
     check_hooks(pm)
     caller = HookCaller(pm, failures, reraise=(RouteAuditError,))
-    caller.call("routeaudit_addoption", parser=_subparser(parser, "run"))
+    run_parser = _subparser(parser, "run")
+    core_groups = projectconfig.group_titles(run_parser)
+    caller.call("routeaudit_addoption", parser=run_parser)
     options = parser.parse_args(argv)
+    keys = projectconfig.option_keys([run_parser, _subparser(parser, "validate")], core_groups)
+    values = projectconfig.resolve(project, keys, ignore_table=pm.is_blocked)
+    explicit = projectconfig.explicit_dests(parser, argv)
+    command = _subparser(parser, options.command)
+    applicable = None if options.command in ("run", "validate") else projectconfig.dests_of(command)
+    sources = projectconfig.apply(options, values, explicit, project, applicable)
+    options.plugins = [*file_plugins, *plugin_args]
+    if options.plugins:
+        sources["plugins"] = " and ".join(
+            name for name, given in ((project.label, file_plugins), ("command line", plugin_args))
+            if given)
+    options.config_file = project.label or None
     config = Config(options=options, pluginmanager=pm, summaries=default_registry(),
-                    failures=failures)
+                    failures=failures, sources=sources)
     return Startup(options=options, config=config, modules=modules, caller=caller)
 
 
@@ -286,6 +324,8 @@ def _main(argv: list[str]) -> int:
                                         started.caller)
     if options.command == "audits":
         return _list_audits(config)
+    if options.command == "summaries":
+        return _list_summaries(config, caller)
     if options.command == "extract":
         return _extract(options, modules)
     caller.call("routeaudit_configure", config=config)
@@ -306,6 +346,7 @@ def _main(argv: list[str]) -> int:
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """The parser of command ``name``."""
     for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
         if isinstance(action, argparse._SubParsersAction):
             return action.choices[name]
@@ -330,6 +371,42 @@ def _list_audits(config: Any) -> int:
     if config.failures:
         return int(ExitCode.VERDICT_FAILED)
     return int(ExitCode.OK if audits else ExitCode.NO_AUDITS)
+
+
+#: How ``routeaudit summaries`` names what a summary's sources must be.
+_APPLIES = {"any": "any sources", "depth": "depth sources only", "experts": "experts only"}
+
+
+def _list_summaries(config: Any, caller: Any) -> int:
+    """Every routing summary this run knows, as ``pytest --markers`` lists markers: name, what
+    it is (a scalar, a per-layer profile or a label), which sources it applies to, whether
+    it is a default claim, and its definition."""
+    import textwrap
+
+    from routeaudit.summaries import default_registry
+
+    caller.call("routeaudit_register_summaries", registry=config.summaries)
+    builtin = {s.name for s in default_registry()}
+    default_claims = set(config.summaries.default_cells())
+    lines = []
+    for s in config.summaries:
+        form = "label" if s.categorical else ("profile (one value per layer)" if s.shape == "profile"
+                                              else "scalar")
+        traits = [f"{s.kind} {form}", _APPLIES.get(s.applies_to, s.applies_to)]
+        if s.name in default_claims:
+            traits.append("default claim")
+        origin = "" if s.name in builtin else "  (plugin)"
+        definition = " ".join(s.description.split()) or "(no definition given)"
+        lines.append(f"{s.name}  [{', '.join(traits)}]{origin}")
+        lines.append(textwrap.fill(definition, 96, initial_indent="    ", subsequent_indent="    "))
+    lines.append("H<l>, H<l>_norm  [routing scalar, any sources]")
+    lines.append(textwrap.fill("routing entropy of one routing layer l (numbered from 0; _norm "
+                               "divides by log n_l), e.g. H0, H3_norm", 96,
+                               initial_indent="    ", subsequent_indent="    "))
+    for failure in config.failures:
+        lines.append(f"{failure.plugin}  [error]\n    {failure.verdict().reason}")
+    print("\n".join(lines))
+    return int(ExitCode.VERDICT_FAILED if config.failures else ExitCode.OK)
 
 
 def _extract(options: argparse.Namespace, modules: dict[str, Any]) -> int:

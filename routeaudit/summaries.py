@@ -223,18 +223,22 @@ def _mean_over_layers(values: np.ndarray) -> np.ndarray:
 
 
 def r_agg(traces: TraceSet) -> np.ndarray:
+    """Mean over multi-source layers of H_l (nats)."""
     return _mean_over_layers(entropy_profile(traces))
 
 
 def r_agg_normalized(traces: TraceSet) -> np.ndarray:
+    """Mean over multi-source layers of H_l / log n_l (in [0, 1])."""
     return _mean_over_layers(entropy_profile(traces, normalized=True))
 
 
 def depth_variance(traces: TraceSet) -> np.ndarray:
+    """Variant A: routing-weighted variance of source depth within a layer, mean over layers."""
     return _mean_over_layers(_layer_depth_moments(traces)[1])
 
 
 def depth_variance_across(traces: TraceSet) -> np.ndarray:
+    """Variant B: variance across layers of the expected source depth (0 with < 2 layers)."""
     mean, _ = _layer_depth_moments(traces)
     if mean.shape[1] < 2:
         return np.zeros(mean.shape[0])
@@ -265,10 +269,12 @@ def _sorted_top2(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
 
 
 def top1_prob(traces: TraceSet) -> np.ndarray:
+    """Largest routing probability, mean over layers with >= 2 experts."""
     return _mean_over_layers(_sorted_top2(traces)[0])
 
 
 def top1_margin(traces: TraceSet) -> np.ndarray:
+    """Top-1 minus top-2 routing probability, mean over layers with >= 2 experts."""
     first, second = _sorted_top2(traces)
     return _mean_over_layers(first - second)
 
@@ -292,6 +298,7 @@ def expert_load_table(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
 
 
 def expert_load(traces: TraceSet) -> np.ndarray:
+    """Load (share of tokens) of each token's own top-1 expert, mean over multi-expert layers."""
     keep = _multi_source_layers(traces)
     if not keep.any():
         return np.zeros(traces.n_examples)
@@ -302,43 +309,63 @@ def expert_load(traces: TraceSet) -> np.ndarray:
 
 
 def confidence(traces: TraceSet) -> np.ndarray:
+    """Top-label softmax probability."""
     return metrics.confidence_and_correct(traces.logits, traces.labels)[0]
 
 
 def predictive_entropy(traces: TraceSet) -> np.ndarray:
+    """Entropy of the softmax (nats)."""
     return metrics.predictive_entropy(traces.logits)
 
 
 def default_registry() -> SummaryRegistry:
     """A registry holding the built-in summaries."""
     registry = SummaryRegistry()
-    registry.register("r_agg", r_agg, "mean routing entropy over layers (nats)")
+    registry.register("r_agg", r_agg,
+                      "routing entropy H_l = -sum_k a_k log a_k (nats) of each layer with >= 2 "
+                      "valid sources, averaged over those layers: how spread the routing is")
     registry.register("r_agg_normalized", r_agg_normalized,
-                      "mean routing entropy over layers, each / log n_l")
+                      "r_agg with each layer's entropy divided by log n_l (n_l = its valid "
+                      "sources), so layers with more sources weigh the same: 0 = one source, "
+                      "1 = uniform")
     registry.register("depth_variance", depth_variance,
-                      "routing-weighted variance of source depth, mean over layers (variant A)",
+                      "variance of the normalised source depth (rank / largest rank) under each "
+                      "layer's routing weights, averaged over layers (variant A, AR-CondCal's "
+                      "feature): how many depths a layer mixes",
                       applies_to="depth")
     registry.register("depth_variance_across", depth_variance_across,
-                      "variance across layers of the expected source depth (variant B)",
+                      "variance across layers of each layer's expected source depth (variant "
+                      "B): whether layers reach to different depths",
                       applies_to="depth")
-    registry.register("profile", entropy_profile, "per-layer routing entropies H_1..H_L",
+    registry.register("profile", entropy_profile,
+                      "the vector of per-layer routing entropies (H_l of every layer with >= 2 "
+                      "valid sources), for calibrators that take the whole profile",
                       shape="profile")
     registry.register("profile_normalized", lambda ts: entropy_profile(ts, normalized=True),
-                      "per-layer routing entropies, each / log n_l", shape="profile")
-    registry.register("top1_prob", top1_prob, "largest routing probability, mean over layers",
+                      "the per-layer routing entropies, each divided by log n_l",
+                      shape="profile")
+    registry.register("top1_prob", top1_prob,
+                      "largest routing probability of each layer with >= 2 experts, averaged "
+                      "over those layers: how sharp the router is",
                       applies_to="experts")
     registry.register("top1_margin", top1_margin,
-                      "top-1 minus top-2 routing probability, mean over layers",
+                      "top-1 minus top-2 routing probability, averaged over layers with >= 2 "
+                      "experts: how close the token came to being routed elsewhere",
                       applies_to="experts")
     registry.register("expert_load", expert_load,
-                      "share of tokens routed (top-1) to the token's own top-1 expert, mean "
-                      "over layers", applies_to="experts")
+                      "share of all tokens whose top-1 expert is this token's top-1 expert, "
+                      "averaged over layers: routed to a crowded or a rarely used expert",
+                      applies_to="experts")
     registry.register("top1_expert", top1_expert,
-                      "index of the top-1 expert at the expert layer (a label, not a claim)",
+                      "index of the top-1 expert at the expert layer (meta.expert_layer, else "
+                      "the last): a routing cell for calibrators that condition on it, never a "
+                      "claim (its order means nothing)",
                       applies_to="experts", categorical=True)
-    registry.register("confidence", confidence, "top-label softmax probability", kind="output")
+    registry.register("confidence", confidence,
+                      "top-label softmax probability of the model's output (not routing)",
+                      kind="output")
     registry.register("predictive_entropy", predictive_entropy,
-                      "entropy of the softmax (nats)", kind="output")
+                      "entropy of the output softmax (nats; not routing)", kind="output")
     return registry
 
 

@@ -30,15 +30,18 @@ class Config:
     failures: list[PluginFailure] = field(default_factory=list)
     """Plugin hooks that raised outside any audit; each is an ``error`` row, reported first."""
     sources: dict[str, str] = field(default_factory=dict)
-    """Where each option's value came from (``pyproject.toml``, ``command line``); an option
-    not named here has its default."""
+    """Where each option's value came from: ``"command line"``, or the configuration file
+    as the working directory names it (``"pyproject.toml"``, ``"../pyproject.toml"``;
+    routeaudit.session.projectconfig); ``plugins`` given in both say
+    ``"pyproject.toml and command line"``. An option not named here has its default."""
 
     @property
     def hook(self) -> Any:
         return self.pluginmanager.hook
 
     def settings(self) -> AuditSettings:
-        """The statistical settings of every audit, from the command line."""
+        """The statistical settings of every audit, from the command line and the project
+        file (already merged into ``options``)."""
         o = self.options
         defaults = AuditSettings()
         return AuditSettings(
