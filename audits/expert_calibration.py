@@ -414,6 +414,47 @@ def estimate_seed(d: Data, claims: list[str], opts: Options, rng: np.random.Gene
     return out
 
 
+#: Experts drawn in the recorded reliability table (the most loaded ones), to keep it small.
+RELIABILITY_EXPERTS = 8
+
+
+def _reliability_table(conf: np.ndarray, correct: np.ndarray) -> dict[str, list[Any]]:
+    """Mean confidence, accuracy and count of every non-empty ECE15 bin."""
+    bins = _bins(conf)
+    n = np.bincount(bins, minlength=N_BINS)
+    c = np.bincount(bins, conf, minlength=N_BINS)
+    a = np.bincount(bins, correct.astype(np.float64), minlength=N_BINS)
+    keep = np.flatnonzero(n)
+    return {"bin": [int(b) for b in keep], "count": [int(v) for v in n[keep]],
+            "confidence": [round(float(v), 6) for v in c[keep] / n[keep]],
+            "accuracy": [round(float(v), 6) for v in a[keep] / n[keep]]}
+
+
+def reliability(d: Data, claim: str) -> dict[str, Any]:
+    """Reliability tables (ECE15 bins) of the aggregate on the evaluation half and of each
+    expert on its routed region (its own prediction when ``expert_logits`` are known, else
+    the aggregate's there): the data of the HTML report's figure; nothing is decided from
+    it. Only the ``RELIABILITY_EXPERTS`` most loaded experts are kept."""
+    conf, correct = np.clip(d.conf, 0.0, 1.0), np.asarray(d.correct)
+    out: dict[str, Any] = {"seed": d.seed.seed, "bins": N_BINS, "closed": "right",
+                           "aggregate": _reliability_table(conf, correct)}
+    r = d.routed
+    region = r.region[d.seed.eval_index]
+    if claim == "experts" and r.expert_logits is not None:
+        conf, correct = metrics.confidence_and_correct(r.expert_logits[d.seed.eval_index],
+                                                       d.seed.traces.labels[d.seed.eval_index])
+        out["expert_prediction"] = "own"
+    else:
+        out["expert_prediction"] = "aggregate"
+    load = np.bincount(region, minlength=r.n_experts)
+    shown = sorted(np.argsort(-load, kind="stable")[:RELIABILITY_EXPERTS])
+    out["experts"] = [{"expert": int(k), **_reliability_table(conf[region == k],
+                                                               correct[region == k])}
+                      for k in shown if load[k] > 0]
+    out["experts_total"] = int(r.n_experts)
+    return out
+
+
 def fixed_shift(conf: np.ndarray, correct: np.ndarray, region: np.ndarray, n_exp: int,
                 opts: Options) -> np.ndarray:
     """The routing-only shift whose noise-subtracted ECE is largest on the calibration half,
@@ -676,6 +717,10 @@ class ExpertCalibrationAudit(BaseAudit):
             rng = ctx.rng(self.name, f"bootstrap:{view[0] or 'main'}:{int(view[1])}",
                           seed.seed)
             out.append(estimate_seed(data, wanted, opts, rng) if wanted else {})
+            if i == 0:  # the report's reliability diagrams: the first seed only
+                for claim in ("experts", "aggregate"):
+                    if claim in out[-1]:
+                        out[-1][claim][1]["reliability"] = reliability(data, claim)
         return out
 
     def _result(self, cell: dict[str, Any], per_view: list[Any], seeds: list[SeedData],

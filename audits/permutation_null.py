@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from routeaudit.audit import AuditContext, BaseAudit
+from routeaudit.audits.stratification import first_seed_reliability
 from routeaudit.hookspecs import hookimpl
 from routeaudit.simulation.plan import PlantedCases, matched_cases
 from routeaudit.stats import holm, stable
@@ -71,12 +72,18 @@ class PermutationNullAudit(BaseAudit):
             if isinstance(row, MatchedExcess) and row.usable:
                 entry.update(p_value=float(p), p_value_corrected=float(pc),
                              rejects=bool(pc <= s.alpha))
+            if isinstance(row, MatchedExcess):
+                hist = null_histogram(row.test.null, row.test.statistic)
+                if hist:
+                    entry["null_histogram"] = hist
             per_seed.append(entry)
         common = dict(statistic="weighted gap minus its within-bin null mean",
                       threshold=threshold, per_seed=per_seed)
+        rel = first_seed_reliability(ctx, cell["summary"])
+        extra = {"reliability": rel} if rel else {}
         if isinstance(ev, Undecided):
             return ctx.verdict(self, cell, Status.FAIL if ev.premise_violated
-                               else Status.INCONCLUSIVE, ev.reason, **common)
+                               else Status.INCONCLUSIVE, ev.reason, evidence=extra, **common)
         rejects = [bool(pc <= s.alpha) for pc in corrected]
         ps = ", ".join(p_text(float(pc)) for pc in corrected)
         lo, hi = ev.interval(s.alpha)
@@ -103,7 +110,27 @@ class PermutationNullAudit(BaseAudit):
         return ctx.verdict(self, cell, status, reason, effect=ev.estimate, ci=(lo, hi),
                            p_value=float(reduce(raw)), p_value_corrected=float(reduce(corrected)),
                            evidence=ev.as_dict(s.gap_margin, s.alpha) |
-                           {"p_below_margin_holm": p_below}, **common)
+                           {"p_below_margin_holm": p_below} | extra, **common)
+
+
+#: Bins of the recorded null histogram (the draws themselves are not recorded).
+NULL_HISTOGRAM_BINS = 30
+
+
+def null_histogram(null: np.ndarray, statistic: float) -> dict[str, Any] | None:
+    """A compact picture of the permutation null for the report: ``counts`` of the finite
+    draws T* in ``NULL_HISTOGRAM_BINS`` equal-width bins between ``edges``, and the observed
+    ``statistic`` T. None when no draw is finite."""
+    draws = np.asarray(null, dtype=np.float64)
+    draws = draws[np.isfinite(draws)]
+    if draws.size == 0:
+        return None
+    lo, hi = float(draws.min()), float(draws.max())
+    if hi <= lo:
+        lo, hi = lo - 0.5 * max(abs(lo), 1e-9), hi + 0.5 * max(abs(hi), 1e-9)
+    counts, edges = np.histogram(draws, bins=NULL_HISTOGRAM_BINS, range=(lo, hi))
+    return {"counts": [int(c) for c in counts], "edges": [float(e) for e in edges],
+            "statistic": float(statistic), "draws": int(draws.size)}
 
 
 @hookimpl

@@ -25,6 +25,7 @@ from routeaudit.simulation.plan import PlantedCases, matched_cases
 from routeaudit.stats import holm, seed_summary
 from routeaudit.stats.evidence import Evidence, outcome, p_text, scale_text
 from routeaudit.stats.excess import MatchedExcess, Undecided, excess_row, pooled_excess
+from routeaudit.stats.gaps import stratum_reliability
 from routeaudit.verdict import Status, Verdict
 
 
@@ -58,9 +59,11 @@ class StratificationAudit(BaseAudit):
             ev = pooled[id(cell)]
             if isinstance(ev, Undecided):
                 status = Status.FAIL if ev.premise_violated else Status.INCONCLUSIVE
+                rel = first_seed_reliability(ctx, cell["summary"])
                 out.append(ctx.verdict(self, cell, status, ev.reason,
                                        per_seed=per_seed_rows(ctx, seeds[id(cell)], s.alpha),
-                                       threshold=self.threshold(ctx)))
+                                       threshold=self.threshold(ctx),
+                                       evidence={"reliability": rel} if rel else {}))
                 continue
             out.append(self._verdict(ctx, cell, seeds[id(cell)], ev,
                                      float(p_pos[id(cell)]), float(p_below[id(cell)])))
@@ -102,8 +105,8 @@ class StratificationAudit(BaseAudit):
             "pooled over seeds", effect=ev.estimate, ci=(lo, hi),
             p_value=ev.p_below(s.gap_margin) if status is Status.FAIL else ev.p_positive(),
             p_value_corrected=p_below if status is Status.FAIL else p_pos,
-            threshold=self.threshold(ctx), evidence=ev.as_dict(s.gap_margin, s.alpha),
-            per_seed=per_seed_rows(ctx, rows, s.alpha))
+            threshold=self.threshold(ctx), evidence=ev.as_dict(s.gap_margin, s.alpha)
+            | _reliability_entry(ctx, cell["summary"]), per_seed=per_seed_rows(ctx, rows, s.alpha))
 
 
 def _sd(summary: dict[str, float]) -> str:
@@ -119,3 +122,24 @@ def per_seed_rows(ctx: AuditContext, rows: list[MatchedExcess | str], alpha: flo
                   ) -> list[dict[str, Any]]:
     return [{"seed": seed.seed, **excess_row(row, alpha)}
             for seed, row in zip(ctx.seeds, rows, strict=True)]
+
+
+def first_seed_reliability(ctx: AuditContext, summary: str) -> dict[str, Any] | None:
+    """Mean confidence, accuracy and count per (confidence bin, routing stratum) in the first
+    seed: the data of the HTML report's reliability diagrams (nothing is decided from it).
+    None when the summary does not vary (no strata to draw)."""
+    if not ctx.seeds:
+        return None
+    seed = ctx.seeds[0]
+    part = seed.matched(summary, ctx.settings)
+    if part.no_variation:
+        return None
+    conf, correct = seed.conf_correct("eval")
+    return {"seed": seed.seed, "strata": ctx.settings.strata,
+            **stratum_reliability(part.bin_idx, part.strata, conf, correct,
+                                  n_bins=part.n_bins, n_strata=part.n_strata)}
+
+
+def _reliability_entry(ctx: AuditContext, summary: str) -> dict[str, Any]:
+    rel = first_seed_reliability(ctx, summary)
+    return {"reliability": rel} if rel else {}

@@ -19,7 +19,7 @@ import numpy as np
 
 from routeaudit.stats._backend import DeviceLike, torch_device
 
-__all__ = ["GapResult", "gap_statistics"]
+__all__ = ["GapResult", "gap_statistics", "stratum_reliability"]
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,37 @@ def gap_statistics(
     sums = np.bincount(cell, weights=x, minlength=size).reshape(n_bins, n_strata)
     wg, mg, delta, used = gap_from_cells(sums, counts, min_count)
     return GapResult(float(wg), float(mg), delta, used, int(used.sum()))
+
+
+def stratum_reliability(
+    bin_idx: np.ndarray,
+    strata: np.ndarray,
+    confidence: np.ndarray,
+    correct: np.ndarray,
+    *,
+    n_bins: int,
+    n_strata: int,
+) -> dict[str, list[float] | list[int]]:
+    """Mean confidence, accuracy and count of every non-empty (bin, stratum) cell.
+
+    The reliability diagram per routing stratum at matched confidence: the picture behind
+    the gaps above (the gap of a cell is accuracy − confidence). Plain lists, rounded to 6
+    decimals, so a verdict can record them (a few hundred numbers at most).
+    """
+    b = np.asarray(bin_idx, dtype=np.int64)
+    s = np.asarray(strata, dtype=np.int64)
+    cell = b * n_strata + s
+    size = n_bins * n_strata
+    counts = np.bincount(cell, minlength=size)
+    conf_sum = np.bincount(cell, weights=np.asarray(confidence, dtype=np.float64), minlength=size)
+    acc_sum = np.bincount(cell, weights=np.asarray(correct, dtype=np.float64), minlength=size)
+    present = np.flatnonzero(counts)
+    n = counts[present]
+    return {"bin": [int(i // n_strata) for i in present],
+            "stratum": [int(i % n_strata) for i in present],
+            "count": [int(v) for v in n],
+            "confidence": [round(float(v), 6) for v in conf_sum[present] / n],
+            "accuracy": [round(float(v), 6) for v in acc_sum[present] / n]}
 
 
 # --------------------------------------------------------------------------- batched kernel
