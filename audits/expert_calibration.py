@@ -76,6 +76,8 @@ from routeaudit.hookspecs import hookimpl
 from routeaudit.stats import holm
 from routeaudit.stats.bootstrap import resampling_counts
 from routeaudit.stats.evidence import Evidence, p_text, pool_seeds, scale_text
+from routeaudit.stats.folded import FOLD_AT_ZERO as _FOLD
+from routeaudit.stats.folded import boundary_mean, fold_inverse, fold_mean
 from routeaudit.stats.shift import worst_case_ece, worst_case_ece_sums
 from routeaudit.traces import TraceSet
 from routeaudit.verdict import Status, Verdict
@@ -91,7 +93,6 @@ MIN_EXPERT_TOKENS = 100
 #: The ECE of every claim: ECE15, equal-width (lo, hi] bins (docs/methods.md §2.2).
 N_BINS = 15
 #: E|Z| for a standard normal: the noise floor of |S_b| in units of its sd.
-_FOLD = math.sqrt(2.0 / math.pi)
 #: Entries of one chunk of bootstrap counts (rows × resampling units).
 _CHUNK = 1 << 22
 
@@ -100,40 +101,6 @@ CLAIMS = {
     "aggregate": "the routed aggregate is calibrated",
     "shift": "the aggregate stays calibrated under every routing-only shift in the class",
 }
-
-
-# --------------------------------------------------------------------------- folded normal
-
-_erf = np.vectorize(math.erf, otypes=[float])
-
-
-def fold_mean(x: np.ndarray | float) -> np.ndarray:
-    """f(x) = E|x + Z| for x ≥ 0: √(2/π) e^{−x²/2} + x·erf(x/√2) (convex, increasing)."""
-    x = np.asarray(x, dtype=np.float64)
-    return _FOLD * np.exp(-0.5 * x * x) + x * _erf(x / math.sqrt(2.0))
-
-
-def fold_inverse(y: np.ndarray | float) -> np.ndarray:
-    """x ≥ 0 with f(x) = y (0 when y ≤ √(2/π)): Newton from x = y, which lies right of the
-    root (f(x) ≥ x), so the iterates decrease monotonically onto it."""
-    y = np.asarray(y, dtype=np.float64)
-    live = y > _FOLD
-    x = np.where(live, y, 0.0)
-    for _ in range(60):  # a fixed number of rounds, vectorised
-        slope = np.maximum(_erf(x / math.sqrt(2.0)), 1e-300)
-        x = np.where(live, np.maximum(x - (fold_mean(x) - y) / slope, 0.0), 0.0)
-    return x
-
-
-def boundary_mean(ece: np.ndarray | float, noise: np.ndarray | float) -> np.ndarray:
-    """The smallest expected plug-in ECE among configurations with this ECE: noise·f(ece /
-    noise) (every bin equally far from calibrated, in units of its sd); ``ece`` when the
-    noise scale is 0."""
-    e = np.asarray(ece, dtype=np.float64)
-    s = np.asarray(noise, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(s > 0, s * fold_mean(np.where(s > 0, e / np.where(s > 0, s, 1.0), 0.0)),
-                        e)
 
 
 def _point(upper: np.ndarray, noise: np.ndarray) -> np.ndarray:

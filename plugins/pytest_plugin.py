@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import routeaudit
-from routeaudit.testing import parse_run_args, run_report
+from routeaudit.testing import VerdictAssertions, parse_run_args, run_report
 
 #: Errors that concern one target (its file or traces), not the whole command line.
 TARGET_ERRORS = (routeaudit.AdapterError, routeaudit.TraceValidationError, routeaudit.TraceFileError)
@@ -130,8 +130,9 @@ class VerdictItem(pytest.Item):
 
 
 @dataclass
-class AuditResult:
-    """What one ``routeaudit.run`` decided, with assertions for hand-written tests."""
+class AuditResult(VerdictAssertions):
+    """What one ``routeaudit.run`` decided, with the assertions of
+    :class:`routeaudit.testing.VerdictAssertions` for hand-written tests."""
 
     report: routeaudit.Report
 
@@ -142,42 +143,6 @@ class AuditResult:
     @property
     def exit_code(self) -> int:
         return self.report.exit_code
-
-    def select(self, audit: str, **cell: Any) -> list[routeaudit.Verdict]:
-        """The verdicts of ``audit`` whose cell has every given key = value (compared as text)."""
-        return [v for v in self.verdicts if v.audit == audit
-                and all(str(v.cell.get(k)) == str(val) for k, val in cell.items())]
-
-    def status_of(self, audit: str, **cell: Any) -> routeaudit.Status:
-        """The status of the one verdict of ``audit`` matching ``cell``."""
-        found = self._one_or_more(audit, cell)
-        if len(found) != 1:
-            ids = ", ".join(v.nodeid for v in found)
-            raise AssertionError(f"{len(found)} verdicts match {audit} {cell}: {ids}; "
-                                 "give more of the cell")
-        return found[0].status
-
-    def assert_passes(self, audit: str, **cell: Any) -> None:
-        """Every matching verdict passes; else list the others with their reasons."""
-        self._assert(audit, cell, {routeaudit.Status.PASS}, "pass")
-
-    def assert_fails(self, audit: str, **cell: Any) -> None:
-        """Every matching verdict fails (the data refute the claim)."""
-        self._assert(audit, cell, {routeaudit.Status.FAIL}, "fail")
-
-    def _one_or_more(self, audit: str, cell: dict[str, Any]) -> list[routeaudit.Verdict]:
-        found = self.select(audit, **cell)
-        if not found:
-            known = sorted({v.audit for v in self.verdicts})
-            raise AssertionError(f"no verdict of {audit} {cell or ''} (audits: {', '.join(known)})")
-        return found
-
-    def _assert(self, audit: str, cell: dict[str, Any], ok: set[routeaudit.Status],
-                word: str) -> None:
-        bad = [v for v in self._one_or_more(audit, cell) if v.status not in ok]
-        if bad:
-            lines = "\n".join(f"  {v.nodeid}: {v.status.value}: {v.reason}" for v in bad)
-            raise AssertionError(f"expected {audit} to {word}; {len(bad)} did not:\n{lines}")
 
 
 class RouteAuditRunner:

@@ -11,19 +11,13 @@ import numpy as np
 import pytest
 
 from routeaudit.audit import AuditContext, AuditSettings
-from routeaudit.audits.expert_calibration import (
-    ExpertCalibrationAudit,
-    boundary_mean,
-    estimate_seed,
-    fold_inverse,
-    fold_mean,
-    routed,
-)
+from routeaudit.audits.expert_calibration import ExpertCalibrationAudit, estimate_seed, routed
 from routeaudit.cli import main
 from routeaudit.metrics import confidence_and_correct, ece
 from routeaudit.simulation.cases import generate as generate_depth
 from routeaudit.simulation.experts import generate_moe, moe_truth
 from routeaudit.stats.bootstrap import resampling_counts
+from routeaudit.stats.folded import boundary_mean, fold_inverse, fold_mean
 from routeaudit.stats.rates import bound, rate_text
 from routeaudit.traces import TraceSet
 from routeaudit.verdict import Status
