@@ -59,7 +59,7 @@ def run_report(args: list[str], *, quiet: bool = True) -> Report:
     from routeaudit.session.runner import run_session
 
     plugin_args, rest = split_plugin_args(list(args))
-    argv = ["run", *rest, *(["-qq"] if quiet else [])]
+    argv = ["run", *rest, *(["-qqq"] if quiet else [])]
     parse_run_args(argv[1:])
     err = io.StringIO()
     try:

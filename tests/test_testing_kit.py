@@ -233,3 +233,14 @@ def test_synthetic_traces_have_the_stated_calibration():
     assert np.all(np.abs(gaps) < 4 * se), gaps
     gaps, se = tertile_gaps(synthetic_traces(30000, seed=5, effect=0.4))
     assert abs(gaps[0] - gaps[2]) > 8 * np.hypot(se[0], se[2]), gaps
+
+
+def test_run_report_prints_nothing(capsys):
+    """The in-process run behind the pytest plugin leaves reporting to its caller."""
+    from routeaudit.testing import run_report
+
+    report = run_report([str(ROOT / "fixtures" / "planted.npz"), "--seeds", "0", "--permutations", "99",
+                         "--bootstrap", "100", "--audit", "stratification"])
+    assert report.verdicts
+    captured = capsys.readouterr()
+    assert captured.out == "" and "passed" not in captured.err

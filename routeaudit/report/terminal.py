@@ -200,6 +200,8 @@ def routeaudit_verdict(config: Any, verdict: Verdict) -> None:
 @hookimpl
 def routeaudit_report(config: Any, report: Report) -> None:
     quiet = config.options.quiet
+    if quiet >= 3:  # -qqq: nothing at all (an in-process run whose caller reports)
+        return
     out: list[str] = []
     if getattr(config, "stash", {}).get("terminal.marks") and report.verdicts:
         out.append("")  # end the line of marks
