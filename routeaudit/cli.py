@@ -420,8 +420,19 @@ def _extract(options: argparse.Namespace, modules: dict[str, Any]) -> int:
     adapters = find_adapters(modules[target])
     if len(adapters) != 1:
         raise AdapterError(f"{target}: expected exactly one @routeaudit.adapter, found {len(adapters)}")
+    from routeaudit.model.shards import distributed_env, extract_sharded
     from routeaudit.session.targets import say_cache
 
+    env = distributed_env()
+    if env is not None:  # under torchrun: this rank extracts its share; rank 0 joins them
+        joined = extract_sharded(adapters[0], options.output, env=env, force=options.force,
+                                 device=options.device, progress=not options.quiet,
+                                 autocast=options.autocast, cache=not options.no_cache,
+                                 cache_dir=options.cache_dir)
+        if joined is not None:
+            print(f"wrote {joined!r} to {options.output} ({env.world_size} shards; the trace "
+                  "cache is not used by sharded extraction)")
+        return int(ExitCode.OK)
     traces = traces_from_adapter(adapters[0], device=options.device, progress=not options.quiet,
                                  autocast=options.autocast, cache=not options.no_cache,
                                  cache_dir=options.cache_dir,

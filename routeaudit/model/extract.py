@@ -279,6 +279,7 @@ class Collector:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.n = 0
         self.batches = 0
+        self.rows: list[int] = []  # rows of each batch, in order (a shard's join needs them)
 
     def add(self, batch: HostBatch) -> None:
         if "labels" not in batch or "logits" not in batch or "routing" not in batch:
@@ -306,6 +307,7 @@ class Collector:
                                            index=self.n, expected="present, as in batch 0")
         self.n += n
         self.batches += 1
+        self.rows.append(n)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {name: np.concatenate(chunks) for name, chunks in self.parts.items()}
@@ -383,6 +385,8 @@ class ModelSession:
         self._split = split
         self._siblings: dict[str, ModelSession] = {}
         self._parent: ModelSession | None = None  # a sibling split uses its parent's model
+        self._shard: tuple[int, int] | None = None  # (rank, world_size) during shard_traces
+        self.batch_rows: list[int] = []  # rows of each batch of the last pass
 
     # --- properties
     @property
@@ -493,6 +497,22 @@ class ModelSession:
         self._traces = traces
         return traces
 
+    def shard_traces(self, rank: int, world_size: int) -> TraceSet:
+        """This rank's share of the clean pass (routeaudit.model.shards): the batches i with
+        ``i % world_size == rank``, built and validated exactly as ``traces()`` builds the
+        whole set (same dtypes, same meta, cache key included), so the shards joined in
+        batch order equal a single-process extraction. ``batch_rows`` then holds the rows
+        of each of those batches. The trace cache is neither read nor written.
+        """
+        key = self._key()
+        self.cache_status = f"extracted (rank {rank} of {world_size}; trace cache not used)"
+        self._shard = (rank, world_size)
+        try:
+            arrays, low_precision = self._run_pass(None)
+        finally:
+            self._shard = None
+        return self._build(arrays, low_precision, key)
+
     def cache_report(self, verbose: bool = False) -> str:
         """``cache_status``, plus what changed since the last cached extraction on a miss.
 
@@ -601,7 +621,10 @@ class ModelSession:
 
     def _forward_each(self, model: Any, batches: Iterable[Any]) -> Iterator[dict[str, Any]]:
         where = f"{type(self.adapter).__name__}.forward"
+        rank, world = self._shard or (0, 1)
         for i, batch in enumerate(batches):
+            if i % world != rank:  # another rank's batch (round-robin, as the reader joins)
+                continue
             try:
                 out = self.adapter.forward(model, batch)
             except RouteAuditError:
@@ -622,7 +645,12 @@ class ModelSession:
         label += f" {self.name}"
         if intervention is not None and getattr(intervention, "label", ""):
             label += f" [{intervention.label}]"
-        progress = Progress(label, total=_n_batches(self.adapter, batches),
+        total = _n_batches(self.adapter, batches)
+        if self._shard is not None:
+            rank, world = self._shard
+            label += f" [rank {rank} of {world}]"
+            total = None if total is None else total // world + (rank < total % world)
+        progress = Progress(label, total=total,
                             unit="tokens" if self.per_token else "examples",
                             mode=self.progress, stream=self.stream)
         copier = HostCopier(device)
@@ -641,6 +669,12 @@ class ModelSession:
                 collector.add(done)
         progress.close()
         self.n_passes += 1
+        self.batch_rows = collector.rows
+        if collector.batches == 0 and self._shard is not None:
+            rank, world = self._shard
+            raise AdapterError(f"{type(self.adapter).__name__}.batches({self.split!r}) yielded "
+                               f"no batches for rank {rank} of {world}: run at most as many "
+                               "processes as there are batches")
         if collector.batches == 0:
             raise AdapterError(f"{type(self.adapter).__name__}.batches({self.split!r}) "
                                "yielded no batches")

@@ -1,10 +1,17 @@
 """Reading traces from files that are untrusted input (``.npz`` archives, ``.npy`` files,
 trace directories with a manifest): headers are parsed from bounded buffers and every
 declared size is checked against the bytes present before anything is allocated; pickles
-are refused. Whatever a file holds, the result is arrays or a RouteAuditError naming it."""
+are refused. Whatever a file holds, the result is arrays or a RouteAuditError naming it.
+
+A sharded trace directory (``torchrun ... routeaudit extract``, routeaudit.model.shards)
+has a ``shards`` object in its manifest naming one shard manifest per rank; every shard
+manifest gets the same scrutiny, and the per-example arrays are joined back in batch order
+(batch i is batch i // world_size of shard i % world_size), so the result does not depend
+on how many processes wrote it."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -279,14 +286,16 @@ def _read_manifest(directory: Path) -> tuple[dict[str, dict[str, Any]], Any]:
         raise TraceFileError(path, found, expected="\"arrays\": an object of "
                              "{name: {file, shape, dtype, sha256}}", hint=_REWRITE)
     entries = {}
-    files: dict[str, str] = {}
+    files: dict[str, str] = {MANIFEST: "the manifest"}
     for name, entry in arrays.items():
         entries[name] = _check_entry(path, name, entry)
-        file = entries[name]["file"]
-        if file in files:
-            raise TraceFileError(path, f"lists {file!r} for both {files[file]!r} and {name!r}",
-                                 expected="one file per array", hint=_REWRITE)
-        files[file] = name
+        _claim_file(path, files, entries[name]["file"], repr(name))
+    if "shards" in manifest:
+        for name, entry in _read_shards(directory, path, manifest["shards"], files).items():
+            if name in entries:
+                raise TraceFileError(path, f"lists {name!r} both in \"arrays\" and in its shards",
+                                     expected="per-example arrays in the shards only", hint=_REWRITE)
+            entries[name] = entry
     for name in REQUIRED_ARRAYS:
         if name not in entries:
             raise TraceValidationError(name, f"missing from {MANIFEST}",
@@ -296,12 +305,20 @@ def _read_manifest(directory: Path) -> tuple[dict[str, dict[str, Any]], Any]:
 
 
 def _read_json(path: Path, expected: str) -> Any:
+    return _parse_json(path, _read_json_bytes(path, expected), expected)
+
+
+def _read_json_bytes(path: Path, expected: str) -> bytes:
+    """The bytes of a small JSON file, its size checked before reading."""
     with _open_regular(path, expected) as handle:
         size = _file_size(handle, path)
         if size > MAX_JSON_BYTES:
             raise TraceFileError(path, f"is {size:,} bytes", expected=f"{expected} "
                                  f"(at most {MAX_JSON_BYTES:,} bytes)")
-        raw = _read_some(handle, MAX_JSON_BYTES + 1, path)
+        return _read_some(handle, MAX_JSON_BYTES + 1, path)
+
+
+def _parse_json(path: Path, raw: bytes, expected: str) -> Any:
     if not raw:
         raise TraceFileError(path, "is empty (0 bytes)", expected=expected, hint=_REWRITE)
     try:
@@ -353,8 +370,174 @@ def _plain_name(file: str) -> bool:
             and "\x00" not in file and not os.path.isabs(file) and os.path.basename(file) == file)
 
 
+def _claim_file(path: Path, files: dict[str, str], file: str, label: str) -> None:
+    """Record that ``label`` uses ``file``; a file listed twice is a damaged manifest."""
+    if file in files:
+        raise TraceFileError(path, f"lists {file!r} for both {files[file]} and {label}",
+                             expected="one file per array", hint=_REWRITE)
+    files[file] = label
+
+
+# ------------------------------------------------------------------------------ sharded directories
+#: The one way batches are assigned to ranks: batch i is batch i // world_size of rank i % world_size.
+SHARD_ASSIGNMENT = "round-robin batches"
+#: More shards than this is a damaged manifest, not a real run.
+MAX_SHARDS = 1 << 16
+_SHARDS_EXPECTED = ("\"shards\": {\"assignment\": \"round-robin batches\", \"world_size\": N, "
+                    "\"files\": [{\"file\", \"sha256\"} per rank]}")
+_SHARD_EXPECTED = ("a shard manifest written by sharded `routeaudit extract`: rank, world_size, "
+                   "batch_rows and arrays")
+
+
+def _read_shards(directory: Path, path: Path, shards: Any, files: dict[str, str]
+                 ) -> dict[str, dict[str, Any]]:
+    """The joined entries of the per-example arrays a sharded manifest's shards hold.
+
+    Each shard manifest is read like the top one (size-checked JSON, its sha256 checked
+    against the top manifest), its entries like any entry; the shards must agree on which
+    arrays exist and on their dtype and trailing shape, and each rank's batch count must be
+    what round-robin assignment of the total gives it. Nothing is allocated here.
+    """
+    if not isinstance(shards, dict):
+        raise TraceFileError(path, f"has \"shards\" {_brief(shards)}", expected=_SHARDS_EXPECTED,
+                             hint=_REWRITE)
+    if shards.get("assignment") != SHARD_ASSIGNMENT:
+        raise TraceFileError(path, f"has shard assignment {_brief(shards.get('assignment'))}",
+                             expected=f"{SHARD_ASSIGNMENT!r}, the only one this version reads",
+                             hint="Write the traces again with this version of routeaudit")
+    world = shards.get("world_size")
+    listed = shards.get("files")
+    if type(world) is not int or not 1 <= world <= MAX_SHARDS:
+        raise TraceFileError(path, f"has shard world_size {_brief(world)}",
+                             expected=f"an integer in [1, {MAX_SHARDS}]", hint=_REWRITE)
+    if not isinstance(listed, list) or len(listed) != world:
+        raise TraceFileError(path, f"has shard files {_brief(listed)}",
+                             expected=f"a list of world_size = {world} entries", hint=_REWRITE)
+    parts: list[tuple[list[int], dict[str, dict[str, Any]]]] = []
+    for rank, item in enumerate(listed):
+        if not (isinstance(item, dict) and isinstance(item.get("file"), str)
+                and _plain_name(item["file"]) and _is_digest(item.get("sha256"))):
+            raise TraceFileError(path, f"shard {rank} is {_brief(item)}",
+                                 expected="{\"file\": a plain file name, \"sha256\": 64 hex digits}",
+                                 hint=_REWRITE)
+        _claim_file(path, files, item["file"], f"shard {rank}")
+        parts.append(_read_shard(directory, item, rank, world, files))
+    n_batches = sum(len(rows) for rows, _ in parts)
+    first = parts[0][1]
+    for rank, (rows, arrays) in enumerate(parts):
+        where = directory / listed[rank]["file"]
+        want = n_batches // world + (rank < n_batches % world)
+        if len(rows) != want:
+            raise TraceFileError(where, f"has {len(rows)} batches", expected=f"{want}: rank {rank} of "
+                                 f"{world} under round-robin assignment of {n_batches} batches",
+                                 hint=_REWRITE)
+        if set(arrays) != set(first):
+            raise TraceFileError(where, f"holds arrays {sorted(arrays)}",
+                                 expected=f"{sorted(first)}, as shard 0", hint=_REWRITE)
+        for name, entry in arrays.items():
+            if entry["dtype"] != first[name]["dtype"] or entry["shape"][1:] != first[name]["shape"][1:]:
+                raise TraceFileError(where, f"entry {name!r} has shape {entry['shape']} dtype "
+                                     f"{entry['dtype']}", expected=f"dtype {first[name]['dtype']} and "
+                                     f"shape [*, {', '.join(map(str, first[name]['shape'][1:]))}] as in "
+                                     "shard 0", hint=_REWRITE)
+    return {name: {"shape": [sum(arrays[name]["shape"][0] for _, arrays in parts),
+                             *entry["shape"][1:]],
+                   "dtype": entry["dtype"], "parts": [arrays[name] for _, arrays in parts],
+                   "batch_rows": [rows for rows, _ in parts]}
+            for name, entry in first.items()}
+
+
+def _read_shard(directory: Path, item: dict[str, Any], rank: int, world: int,
+                files: dict[str, str]) -> tuple[list[int], dict[str, dict[str, Any]]]:
+    """One shard manifest: its digest, then rank, world_size, batch_rows and array entries."""
+    path = directory / item["file"]
+    raw = _read_json_bytes(path, _SHARD_EXPECTED)
+    if hashlib.sha256(raw).hexdigest() != item["sha256"]:
+        raise TraceFileError(path, f"does not match the sha256 that {MANIFEST} lists for shard {rank}",
+                             expected="an unmodified shard manifest", hint=_REWRITE)
+    shard = _parse_json(path, raw, _SHARD_EXPECTED)
+    if not isinstance(shard, dict):
+        raise TraceFileError(path, f"holds {_brief(shard)}", expected=_SHARD_EXPECTED, hint=_REWRITE)
+    for key, want in (("rank", rank), ("world_size", world)):
+        if type(shard.get(key)) is not int or shard[key] != want:
+            raise TraceFileError(path, f"has {key} {_brief(shard.get(key))}",
+                                 expected=f"{want}, as {MANIFEST} lists it", hint=_REWRITE)
+    rows = shard.get("batch_rows")
+    if not (isinstance(rows, list) and rows and all(type(n) is int and n >= 0 for n in rows)):
+        raise TraceFileError(path, f"has batch_rows {_brief(rows)}",
+                             expected="a non-empty list of row counts, one per batch", hint=_REWRITE)
+    arrays = shard.get("arrays")
+    if not isinstance(arrays, dict):
+        raise TraceFileError(path, f"has \"arrays\" {_brief(arrays)}",
+                             expected="an object of {name: {file, shape, dtype, sha256}}", hint=_REWRITE)
+    entries = {}
+    for name, entry in arrays.items():
+        entries[name] = _check_entry(path, name, entry)
+        if name == "source_mask":
+            raise TraceFileError(path, "lists 'source_mask', which is not per example",
+                                 expected=f"source_mask in {MANIFEST} only", hint=_REWRITE)
+        _claim_file(path, files, entries[name]["file"], f"{name!r} of shard {rank}")
+        shape = entries[name]["shape"]
+        if not shape or shape[0] != sum(rows):
+            raise TraceFileError(path, f"entry {name!r} has shape {shape}",
+                                 expected=f"{sum(rows)} rows, the sum of its batch_rows", hint=_REWRITE)
+    return rows, entries
+
+
+def _is_digest(value: Any) -> bool:
+    return (isinstance(value, str) and len(value) == 64
+            and all(c in "0123456789abcdef" for c in value))
+
+
+def _read_joined(directory: Path, name: str, entry: dict[str, Any]) -> np.ndarray:
+    """A per-example array of a sharded directory, rows back in batch order.
+
+    Every part's header is checked against its manifest entry and its file size before the
+    joined array is allocated; then the parts are read (digest checked) one at a time.
+    """
+    parts, batch_rows = entry["parts"], entry["batch_rows"]
+    for part in parts:
+        file = directory / part["file"]
+        with _open_regular(file, f"the .npy file of {name!r} that a shard manifest lists") as handle:
+            header = _read_npy_header(handle, _file_size(handle, file), file)
+        if list(header.shape) != part["shape"] or str(header.dtype) != part["dtype"]:
+            raise TraceValidationError(
+                name, f"has shape {header.shape} dtype {header.dtype} in {show_path(file.name)}",
+                expected=f"shape {part['shape']} dtype {part['dtype']} as in its shard manifest",
+                source=directory)
+    dtype = np.dtype(entry["dtype"])
+    shape = tuple(entry["shape"])
+    _check_memory(math.prod(shape) * dtype.itemsize, directory)
+    joined = np.empty(shape, dtype=dtype)
+    world = len(parts)
+    starts = _batch_starts(batch_rows)
+    for rank, part in enumerate(parts):
+        data = _read_listed_npy(directory, name, part)
+        local = 0
+        for k, rows in enumerate(batch_rows[rank]):
+            where = starts[k * world + rank]
+            joined[where: where + rows] = data[local: local + rows]
+            local += rows
+        del data
+    return joined
+
+
+def _batch_starts(batch_rows: list[list[int]]) -> list[int]:
+    """The first joined row of each global batch (batch i comes from rank i % world_size)."""
+    world = len(batch_rows)
+    total = sum(len(rows) for rows in batch_rows)
+    starts, at = [], 0
+    for i in range(total):
+        starts.append(at)
+        at += batch_rows[i % world][i // world]
+    return starts
+
+
 def _read_listed_npy(directory: Path, name: str, entry: dict[str, Any]) -> np.ndarray:
-    """One array file of a trace directory: digest, then header, then manifest, then data."""
+    """One array file of a trace directory: digest, then header, then manifest, then data
+    (a per-example array of a sharded directory: its shards, joined in batch order)."""
+    if "parts" in entry:
+        return _read_joined(directory, name, entry)
     file = directory / entry["file"]
     with _open_regular(file, f"the .npy file of {name!r} that manifest.json lists") as handle:
         size = _file_size(handle, file)

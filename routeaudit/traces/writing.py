@@ -1,22 +1,32 @@
 """Writing traces without losing anything: under a temporary name next to the target,
 synced, then renamed into place; nothing routeaudit did not write is deleted or
 overwritten (``force`` replaces only a previous trace directory, or a file the caller
-names)."""
+names).
+
+A sharded trace directory is written the same way: rank 0 makes one staging folder, every
+rank writes its shard there (``write_shard``), rank 0 writes the manifest that joins them
+(``write_sharded_manifest``) and renames the folder into place (``publish``), so the
+target name never holds a directory with a shard missing."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import secrets
+import shutil
 import stat
 import warnings
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
+from routeaudit._version import __version__
 from routeaudit.errors import TraceFileError, show_path
-from routeaudit.traces._common import MANIFEST, _os_error
-from routeaudit.traces.reading import _plain_name, _read_json
+from routeaudit.traces._common import MANIFEST, SCHEMA_VERSION, _fsync_dir, _os_error, _sha256
+from routeaudit.traces.reading import SHARD_ASSIGNMENT, _plain_name, _read_json
 
 
 # ------------------------------------------------------------------------------ writing files
@@ -81,7 +91,26 @@ def _not_trace_directory(folder: Path, names: list[str]) -> str:
     if not isinstance(arrays, dict):
         return "its manifest.json lists no arrays"
     listed = {MANIFEST}
-    for entry in arrays.values():
+    shard_arrays = []
+    shards = manifest.get("shards")
+    if shards is not None:  # a sharded directory: its shard manifests list the other files
+        items = shards.get("files") if isinstance(shards, dict) else None
+        if not isinstance(items, list):
+            return "its manifest.json lists no shard files"
+        for item in items:
+            file = item.get("file") if isinstance(item, dict) else None
+            if not (isinstance(file, str) and _plain_name(file)):
+                return "its manifest.json lists a shard that is not a plain file name"
+            listed.add(file)
+            try:
+                shard = _read_json(folder / file, "a shard manifest")
+            except TraceFileError as exc:
+                return f"its shard manifest {show_path(file)!r} is unreadable: {exc.problem}"
+            listing = shard.get("arrays") if isinstance(shard, dict) else None
+            if not isinstance(listing, dict):
+                return f"its shard manifest {show_path(file)!r} lists no arrays"
+            shard_arrays.extend(listing.values())
+    for entry in [*arrays.values(), *shard_arrays]:
         file = entry.get("file") if isinstance(entry, dict) else None
         if not (isinstance(file, str) and _plain_name(file)):
             return "its manifest.json lists a file that is not a plain name"
@@ -181,3 +210,99 @@ def _swap_in(staging: Path, target: Path, old_files: tuple[str, ...]) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
+
+
+# ------------------------------------------------------------------------------ sharded directories
+class Staging(NamedTuple):
+    """A staging folder next to ``target`` that becomes the trace directory on ``publish``."""
+
+    shown: Path  # the path as the user gave it
+    target: Path
+    folder: Path
+    old: _OldTarget | None
+
+
+def start_staging(directory: str | os.PathLike[str], *, force: bool = False) -> Staging:
+    """Check ``directory`` as ``TraceSet.save`` does (new, empty, or with ``force`` a previous
+    trace directory; nothing else) and make the staging folder next to it."""
+    shown = Path(os.fsdecode(directory))
+    target = Path(os.path.abspath(shown))
+    old = _existing_save_target(target, shown, force)
+    _make_parents(target.parent, shown)
+    try:
+        folder = _new_private_dir(target.parent, f".{target.name}.staging-")
+    except OSError as exc:
+        raise _os_error(shown, exc, "a folder routeaudit can write", action="written") from None
+    return Staging(shown, target, folder, old)
+
+
+def shard_stem(rank: int, world_size: int) -> str:
+    return f"shard-{rank:05d}-of-{world_size:05d}"
+
+
+def write_shard(folder: Path, rank: int, world_size: int, arrays: dict[str, np.ndarray],
+                batch_rows: list[int]) -> dict[str, str]:
+    """Write one rank's per-example arrays and its shard manifest into the staging folder;
+    the entry the top manifest lists for it (file, sha256)."""
+    stem = shard_stem(rank, world_size)
+    entries = {name: _write_npy(folder / f"{name}.{stem}.npy", array)
+               for name, array in arrays.items()}
+    shard = {"rank": rank, "world_size": world_size, "batch_rows": [int(n) for n in batch_rows],
+             "arrays": entries}
+    file = f"{stem}.json"
+    return {"file": file, "sha256": _write_json(folder / file, shard)}
+
+
+def write_sharded_manifest(folder: Path, meta: dict[str, object], shards: list[dict[str, str]],
+                           common: dict[str, np.ndarray]) -> None:
+    """Rank 0's manifest: the meta, the arrays that are not per example (source_mask) and
+    the shard manifests, in rank order (``SHARD_ASSIGNMENT``)."""
+    entries = {name: _write_npy(folder / f"{name}.npy", array) for name, array in common.items()}
+    manifest = {"schema_version": SCHEMA_VERSION, "routeaudit_version": __version__, "meta": meta,
+                "arrays": entries,
+                "shards": {"assignment": SHARD_ASSIGNMENT, "world_size": len(shards),
+                           "files": shards}}
+    _write_json(folder / MANIFEST, manifest)
+
+
+def publish(staging: Staging) -> None:
+    """Rename the complete staging folder into place (replacing a previous trace directory
+    only as ``TraceSet.save`` does); on failure the staging folder is removed."""
+    try:
+        _fsync_dir(staging.folder)
+        if staging.old is not None:
+            with contextlib.suppress(OSError):
+                os.chmod(staging.folder, staging.old.mode)
+        if staging.old is not None and staging.old.files:
+            _swap_in(staging.folder, staging.target, staging.old.files)
+        else:
+            os.replace(staging.folder, staging.target)
+        _fsync_dir(staging.target.parent)
+    except BaseException as exc:
+        discard(staging)
+        if isinstance(exc, OSError):
+            raise _os_error(staging.shown, exc, "a folder routeaudit can write", action="written",
+                            hint="Nothing was changed") from exc
+        raise
+
+
+def discard(staging: Staging) -> None:
+    """Remove the staging folder (it holds only what the ranks wrote there)."""
+    shutil.rmtree(staging.folder, ignore_errors=True)
+
+
+def _write_npy(path: Path, array: np.ndarray) -> dict[str, object]:
+    with open(path, "xb") as handle:
+        np.save(handle, np.ascontiguousarray(array), allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return {"file": path.name, "shape": list(array.shape), "dtype": str(array.dtype),
+            "sha256": _sha256(path)}
+
+
+def _write_json(path: Path, data: object) -> str:
+    with open(path, "x", encoding="utf-8") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=True))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return _sha256(path)
