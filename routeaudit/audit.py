@@ -61,6 +61,7 @@ __all__ = [
     "SeedOutcome",
     "SeedTally",
     "SerialExecutor",
+    "WorkItem",
     "audit_member",
     "experts_missing",
     "seeds_for",
@@ -167,14 +168,61 @@ class BaseAudit:
         raise NotImplementedError(f"{type(self).__name__}.run")
 
 
+@dataclass(frozen=True)
+class WorkItem:
+    """One (target × audit) of a run as plain, picklable data: what an executor hands to
+    another process or machine, where :func:`routeaudit.session.executors.run_work_item`
+    rebuilds the plugins, the target and its :class:`AuditContext` and returns the verdicts.
+    Every random stream is keyed by (audit, cell, seed), so a rebuilt context gives the
+    same verdicts as the run's own (memoised results are recomputed, identically)."""
+
+    index: int
+    """Position in the target's plan (results are reported in this order)."""
+    target: str
+    """The target as given on the command line (also the first part of node ids)."""
+    audit: str
+    """The audit's name."""
+    claim: str
+    """The audit's claim (for ``error`` rows when the item cannot run at all)."""
+    cells: tuple[Cell, ...]
+    """The selected cells, each a plain dict."""
+    options: dict[str, Any]
+    """The run's options (the argparse Namespace as a dict of picklable values)."""
+    plugins: tuple[str, ...]
+    """``-p`` values and the project file's plugins, as the command line loads them."""
+    targets: tuple[str, ...]
+    """Every target of the run (adapter files are plugins too)."""
+    cwd: str
+    """The working directory relative paths mean something in."""
+    control_kinds: tuple[str, ...] | None
+    """The calibrator controls the whole run fits (see :attr:`AuditContext.control_kinds`)."""
+    frozen: str | None
+    """Why routing-aware audits fail on this target (content-independent routing), or None."""
+    run_id: str
+    """Same for every item of one target in one run: a worker reuses its context across them."""
+    traces: tuple[TraceSet, ...] | None = None
+    """The target's traces when they need no loader (trace files, in-memory traces); None for
+    model adapters, which the worker loads itself (trace cache) to re-run the model."""
+
+
 class Executor(Protocol):
-    """How audits are executed (``routeaudit_make_executor``): ``map`` like the builtin."""
+    """How audits are executed (``routeaudit_make_executor``).
+
+    ``map(fn, items)`` returns one result per :class:`WorkItem`, in order: a list of
+    :class:`Verdict`, or the exception that stopped the item (it becomes ``error`` rows).
+    ``fn`` runs an item in this process, with the run's live context (the fast path); an
+    executor that runs items elsewhere calls ``routeaudit.session.executors.run_work_item``
+    there instead. An executor may also offer ``map_unordered(fn, items)`` yielding
+    ``(index, result)`` as items finish: the progress bar then advances as results come
+    back, and verdicts are still reported in plan order.
+    """
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]: ...
 
 
 class SerialExecutor:
-    """Runs audits one after another in this process (the default)."""
+    """Runs audits one after another in this process (the default): ``fn`` closes over the
+    run's context, so memoised results (fitted controls, permutation tests) are shared."""
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         return map(fn, items)

@@ -254,12 +254,7 @@ def start(plugin_args: list[str], argv: list[str]) -> Startup:
     from routeaudit.session import projectconfig
     from routeaudit.session.calls import HookCaller, PluginFailure
     from routeaudit.session.config import Config
-    from routeaudit.session.plugins import (
-        check_hooks,
-        import_user_file,
-        make_plugin_manager,
-        register_user_module,
-    )
+    from routeaudit.session.plugins import load_plugins
     from routeaudit.summaries import default_registry
 
     parser = build_parser()
@@ -268,15 +263,8 @@ def start(plugin_args: list[str], argv: list[str]) -> Startup:
                                               getattr(early, "no_config", False))
     file_plugins = project.plugins()
     failures: list[PluginFailure] = []
-    pm = make_plugin_manager([*file_plugins, *plugin_args], load_entry_points=not early.no_entry_points,
-                             failures=failures)
-    modules: dict[str, Any] = {}
-    for target in getattr(early, "targets", []) or []:
-        if target.endswith(".py"):
-            module = import_user_file(target)
-            modules[target] = module
-            register_user_module(pm, module, Path(target).name)
-    check_hooks(pm)
+    pm, modules = load_plugins([*file_plugins, *plugin_args], getattr(early, "targets", []) or [],
+                               load_entry_points=not early.no_entry_points, failures=failures)
     caller = HookCaller(pm, failures, reraise=(RouteAuditError,))
     run_parser = _subparser(parser, "run")
     core_groups = projectconfig.group_titles(run_parser)

@@ -115,10 +115,18 @@ def routeaudit_collect_audits(config: Config) -> list[Audit] | None:
 
 @hookspec(firstresult=True)
 def routeaudit_make_executor(config: Config) -> Executor | None:
-    """Return the executor that runs audits (an object with ``map(fn, items)``).
+    """Return the executor that runs a target's audits (an object with ``map(fn, items)``).
 
-    The first non-None result wins; the built-in default runs audits one after another in
-    this process.
+    ``items`` are :class:`routeaudit.audit.WorkItem` s, one per (target × audit): plain,
+    picklable data (target, audit name, cells, the run's options, plugin specs, the traces
+    when no loader is needed), never a closure over a loaded model. ``map`` returns one
+    result per item, in order: its verdicts, or the exception that stopped it (``error``
+    rows). ``fn(item)`` runs an item in this process with the run's live context (the fast
+    path); to run it elsewhere, call ``routeaudit.session.executors.run_work_item(item)``
+    there: it rebuilds plugins, target and context and gives the same verdicts. An optional
+    ``map_unordered(fn, items)`` yielding ``(index, result)`` as items finish lets the
+    progress bar advance as results come back. The first non-None result wins; without
+    one (or with ``--executor serial``) audits run one after another in this process.
     """
 
 

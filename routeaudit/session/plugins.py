@@ -37,6 +37,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "content_dependence": "routeaudit.audits.content_dependence",
     "causal_ablation": "routeaudit.audits.causal_ablation",
     "expert_calibration": "routeaudit.audits.expert_calibration",
+    "executors": "routeaudit.session.executors",
     "terminal": "routeaudit.report.terminal",
     "jsonreport": "routeaudit.report.jsonreport",
     "junitxml": "routeaudit.report.junitxml",
@@ -144,6 +145,26 @@ def _import_plugin(arg: str) -> ModuleType:
             raise
         except (TypeError, ValueError) as exc:  # e.g. a relative or empty module name
             raise UsageError(f"-p {arg}: not a module name or a .py file: {exc}") from exc
+
+
+def load_plugins(
+    plugin_args: list[str],
+    targets: list[str],
+    *,
+    load_entry_points: bool = True,
+    failures: list[PluginFailure] | None = None,
+) -> tuple[pluggy.PluginManager, dict[str, ModuleType]]:
+    """Every plugin of a run: built-ins, ``-p`` / the project file's, entry points, and the
+    targets' own ``.py`` files (imported once, registered under their file names); hooks
+    checked. The command line and the executors' workers start from this one function."""
+    pm = make_plugin_manager(plugin_args, load_entry_points=load_entry_points, failures=failures)
+    modules: dict[str, ModuleType] = {}
+    for target in targets:
+        if target.endswith(".py"):
+            modules[target] = import_user_file(target)
+            register_user_module(pm, modules[target], Path(target).name)
+    check_hooks(pm)
+    return pm, modules
 
 
 def import_user_file(path: str | os.PathLike[str], *, kind: str = "adapter") -> ModuleType:

@@ -9,10 +9,15 @@ a given seed gives bit-identical verdicts. Every call into plugin code goes thro
 from __future__ import annotations
 
 import contextlib
+import os
+import pickle
 import sys
 import time
+import traceback
+import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from types import SimpleNamespace
 from typing import Any
 
 from routeaudit._version import __version__
@@ -20,6 +25,7 @@ from routeaudit.audit import (
     Audit,
     AuditContext,
     SerialExecutor,
+    WorkItem,
     audit_member,
     experts_missing,
     seeds_for,
@@ -246,38 +252,109 @@ def run_audits(config: Config, target: Target, audits: list[Audit],
     n_seeds = max(len(ctx.seeds), 1)
     progress = GridProgress(config, f"auditing {target.name}",
                             sum(len(cells) * n_seeds for _, cells in plan))
+    work = work_items(config, target, plan, ctx.control_kinds, frozen)
 
-    def run_one(item: Verdict | tuple[Audit, list[dict[str, Any]]]) -> list[Verdict]:
-        if isinstance(item, Verdict):
-            progress.advance(0, [item])
-            return [item]
-        progress.start(item[0].name)
-        batch = _run_planned(item)
-        progress.advance(len(item[1]) * n_seeds, batch)
-        return batch
-
-    def _run_planned(item: tuple[Audit, list[dict[str, Any]]]) -> list[Verdict]:
-        audit, cells = item
-        if frozen and audit_member(audit, "routing_aware"):
-            return [ctx.verdict(audit, cell, Status.FAIL, frozen) for cell in cells]
-        call = CallInfo.from_call(lambda: _checked_run(audit, ctx, cells), "run")
-        if call.failed:
-            return error_verdicts(audit, cells, target.name, call)
-        for verdict in call.result or []:
-            verdict.target = target.name
-        return list(call.result or [])
+    def run_local(item: WorkItem) -> list[Verdict]:
+        """The in-process fast path: the run's own context, shared memoised results."""
+        audit, cells = plan[item.index]
+        progress.start(audit.name)
+        return run_planned(ctx, audit, cells, frozen)
 
     caller = hooks(config)
     executor = caller.call("routeaudit_make_executor", firstresult=True, config=config)
+    results = _in_order(executor or SerialExecutor(), run_local, work, progress, n_seeds)
     verdicts: list[Verdict] = []
+    planned = iter(work)
     try:
-        for batch in (executor or SerialExecutor()).map(run_one, rows):
+        for row in rows:
+            if isinstance(row, Verdict):
+                progress.advance(0, [row])
+                batch = [row]
+            else:
+                item = next(planned)
+                found = next(results, None)  # an executor that returns too few results
+                batch = found if found is not None else _batch(item, LookupError(
+                    f"the executor {type(executor).__name__} returned no result for this item"))
             for verdict in batch:
                 caller.call("routeaudit_verdict", config=config, verdict=verdict)
                 verdicts.append(verdict)
     finally:
+        results.close()
         progress.close()
     return verdicts
+
+
+def run_planned(ctx: AuditContext, audit: Audit, cells: list[dict[str, Any]],
+                frozen: str | None) -> list[Verdict]:
+    """One planned audit on its cells: the frozen-routing rule, the guarded ``run``, the
+    target on every verdict. The same in this process and in a worker."""
+    if frozen and audit_member(audit, "routing_aware"):
+        return [ctx.verdict(audit, cell, Status.FAIL, frozen) for cell in cells]
+    call = CallInfo.from_call(lambda: _checked_run(audit, ctx, cells), "run")
+    if call.failed:
+        return error_verdicts(audit, cells, ctx.target, call)
+    for verdict in call.result or []:
+        verdict.target = ctx.target
+    return list(call.result or [])
+
+
+def work_items(config: Config, target: Target, plan: Sequence[tuple[Audit, list[dict[str, Any]]]],
+               control_kinds: tuple[str, ...] | None, frozen: str | None) -> list[WorkItem]:
+    """The plan as picklable (target × audit) items (cheap: no copies of the traces)."""
+    options = {key: value for key, value in vars(config.options).items() if _picklable(value)}
+    targets = tuple(getattr(config.options, "targets", None) or [target.name])
+    run_id = uuid.uuid4().hex
+    # a model adapter's worker loads it (trace cache) to re-run the model; other traces travel
+    traces = tuple(target.traces) if target.session is None else None
+    return [WorkItem(index=i, target=target.name, audit=audit.name, claim=audit.claim,
+                     cells=tuple(cells), options=options,
+                     plugins=tuple(getattr(config.options, "plugins", None) or []),
+                     targets=targets, cwd=os.getcwd(), control_kinds=control_kinds,
+                     frozen=frozen, run_id=run_id, traces=traces)
+            for i, (audit, cells) in enumerate(plan)]
+
+
+def _picklable(value: Any) -> bool:
+    try:
+        pickle.dumps(value)
+    except Exception:  # a plugin's option holding a live object stays in this process
+        return False
+    return True
+
+
+def _in_order(executor: Any, run_local: Any, work: list[WorkItem], progress: GridProgress,
+              n_seeds: int) -> Generator[list[Verdict], None, None]:
+    """The executor's results in plan order; the progress bar advances as each comes back
+    (in completion order with ``map_unordered``)."""
+    units = [len(item.cells) * n_seeds for item in work]
+    unordered = getattr(executor, "map_unordered", None)
+    if unordered is None:
+        for item, result in zip(work, executor.map(run_local, work), strict=False):
+            batch = _batch(item, result)
+            progress.advance(units[item.index], batch)
+            yield batch
+        return
+    ready: dict[int, list[Verdict]] = {}
+    following = 0
+    for index, result in unordered(run_local, work):
+        batch = _batch(work[index], result)
+        progress.start(work[index].audit)
+        progress.advance(units[index], batch)
+        ready[index] = batch
+        while following in ready:
+            yield ready.pop(following)
+            following += 1
+
+
+def _batch(item: WorkItem, result: Any) -> list[Verdict]:
+    """An item's verdicts; an exception (a worker that died, a task that failed outside
+    the audit's own guard) becomes ``error`` rows, never the end of the run."""
+    if isinstance(result, BaseException):
+        text = "".join(traceback.format_exception(type(result), result, result.__traceback__))
+        call: CallInfo[Any] = CallInfo("executor", excinfo=result, traceback=text)
+        return error_verdicts(SimpleNamespace(name=item.audit, claim=item.claim),
+                              list(item.cells), item.target, call)
+    return list(result)
 
 
 def _checked_run(audit: Audit, ctx: AuditContext, cells: list[dict[str, Any]]) -> list[Verdict]:
