@@ -166,21 +166,40 @@ class FeatureCache:
 
 
 # ---------------------------------------------------------------------- definitions
-def _routing64(traces: TraceSet) -> np.ndarray:
-    return np.where(traces.source_mask[None], traces.routing.astype(np.float64), 0.0)
+# Every routing summary is computed block by block over examples (TraceSet.row_blocks), so
+# peak memory is O(block × L × S) plus the O(N) result, whether routing is in memory or a
+# memory-mapped trace directory. Each example's value depends on its own rows only, computed
+# by the same operations as on the whole array, so blocks change no value.
+def _routing64(traces: TraceSet, rows: slice = slice(None)) -> np.ndarray:
+    """Routing of the examples in ``rows`` as float64, masked sources 0."""
+    return np.where(traces.source_mask[None], traces.routing[rows].astype(np.float64), 0.0)
+
+
+def _by_blocks(traces: TraceSet, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """``fn`` of float64 routing [n, L, S] -> [n, ...], applied block by block and joined."""
+    blocks = traces.row_blocks()
+    first = fn(_routing64(traces, blocks[0]))
+    out = np.empty((traces.n_examples, *first.shape[1:]), dtype=first.dtype)
+    out[blocks[0]] = first
+    for rows in blocks[1:]:
+        out[rows] = fn(_routing64(traces, rows))
+    return out
 
 
 def _multi_source_layers(traces: TraceSet) -> np.ndarray:
     return traces.source_mask.sum(axis=1) >= 2
 
 
+def _entropies(alpha: np.ndarray) -> np.ndarray:
+    """H_l = -Σ_k α_k log α_k over the last axis."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return -np.where(alpha > 0, alpha * np.log(alpha), 0.0).sum(axis=-1)
+
+
 def entropy_profile(traces: TraceSet, *, normalized: bool = False) -> np.ndarray:
     """H_l per example for every layer with ≥ 2 valid sources: shape [N, L']."""
-    alpha = _routing64(traces)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -np.where(alpha > 0, alpha * np.log(alpha), 0.0).sum(axis=2)
     keep = _multi_source_layers(traces)
-    h = h[:, keep]
+    h = _by_blocks(traces, lambda alpha: _entropies(alpha)[:, keep])
     if normalized:
         h = h / np.log(traces.source_mask.sum(axis=1)[keep])[None, :]
     return h
@@ -190,9 +209,11 @@ def layer_entropy(traces: TraceSet, layer: int, *, normalized: bool = False) -> 
     """H_l of one layer (0 where the layer has a single source)."""
     if not 0 <= layer < traces.n_layers:
         raise UsageError(f"layer {layer} out of range: traces have {traces.n_layers} layers")
-    alpha = _routing64(traces)[:, layer, :]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        h = -np.where(alpha > 0, alpha * np.log(alpha), 0.0).sum(axis=1)
+    mask = traces.source_mask[layer][None]
+    h = np.empty(traces.n_examples)
+    for rows in traces.row_blocks(traces.n_sources):
+        alpha = np.where(mask, traces.routing[rows, layer, :].astype(np.float64), 0.0)
+        h[rows] = _entropies(alpha)
     n_valid = int(traces.source_mask[layer].sum())
     if normalized:
         return h / np.log(n_valid) if n_valid > 1 else np.zeros_like(h)
@@ -208,12 +229,16 @@ def source_depths(traces: TraceSet) -> np.ndarray:
 
 
 def _layer_depth_moments(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
-    alpha = _routing64(traces)
     depth = source_depths(traces)[None]
-    mean = (alpha * depth).sum(axis=2)
-    var = (alpha * (depth - mean[..., None]) ** 2).sum(axis=2)
     keep = _multi_source_layers(traces)
-    return mean[:, keep], var[:, keep]
+
+    def moments(alpha: np.ndarray) -> np.ndarray:
+        mean = (alpha * depth).sum(axis=2)
+        var = (alpha * (depth - mean[..., None]) ** 2).sum(axis=2)
+        return np.stack([mean[:, keep], var[:, keep]], axis=1)
+
+    both = _by_blocks(traces, moments)
+    return np.ascontiguousarray(both[:, 0]), np.ascontiguousarray(both[:, 1])
 
 
 def _mean_over_layers(values: np.ndarray) -> np.ndarray:
@@ -246,11 +271,6 @@ def depth_variance_across(traces: TraceSet) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- MoE summaries
-def _expert_layers(traces: TraceSet) -> np.ndarray:
-    """Routing [N, L', S] of the layers with ≥ 2 experts (float64, masked sources 0)."""
-    return _routing64(traces)[:, _multi_source_layers(traces), :]
-
-
 def expert_layer(traces: TraceSet) -> int:
     """The routing layer whose experts define routed regions: ``meta.expert_layer`` (a
     negative index counts from the end), else the last layer."""
@@ -259,13 +279,19 @@ def expert_layer(traces: TraceSet) -> int:
 
 
 def _sorted_top2(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
-    alpha = _expert_layers(traces)
-    if alpha.shape[1] == 0:
+    keep = _multi_source_layers(traces)
+    if not keep.any():
         zeros = np.zeros((traces.n_examples, 0))
         return zeros, zeros
-    top2 = -np.partition(-alpha, 1, axis=2)[:, :, :2] if alpha.shape[2] >= 2 else \
-        np.concatenate([alpha, np.zeros_like(alpha)], axis=2)
-    return top2[:, :, 0], top2[:, :, 1]
+
+    def top2(alpha: np.ndarray) -> np.ndarray:
+        alpha = alpha[:, keep, :]
+        if alpha.shape[2] >= 2:
+            return -np.partition(-alpha, 1, axis=2)[:, :, :2]
+        return np.concatenate([alpha, np.zeros_like(alpha)], axis=2)
+
+    both = _by_blocks(traces, top2)
+    return both[:, :, 0], both[:, :, 1]
 
 
 def top1_prob(traces: TraceSet) -> np.ndarray:
@@ -281,15 +307,21 @@ def top1_margin(traces: TraceSet) -> np.ndarray:
 
 def top1_expert(traces: TraceSet) -> np.ndarray:
     """Index of the top-1 expert at :func:`expert_layer` (the first of equal weights)."""
-    alpha = _routing64(traces)[:, expert_layer(traces), :]
-    return np.argmax(alpha, axis=1).astype(np.float64)
+    layer = expert_layer(traces)
+    mask = traces.source_mask[layer][None]
+    out = np.empty(traces.n_examples)
+    for rows in traces.row_blocks(traces.n_sources):
+        alpha = np.where(mask, traces.routing[rows, layer, :].astype(np.float64), 0.0)
+        out[rows] = np.argmax(alpha, axis=1)
+    return out
 
 
-def expert_load_table(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
-    """``(load [L, S], entropy [L])``: the share of tokens whose top-1 expert is each
-    source, per layer, and the entropy of that share (nats; log S when balanced)."""
-    alpha = _routing64(traces)
-    top = np.argmax(alpha, axis=2)  # [N, L]
+def _top1(traces: TraceSet) -> np.ndarray:
+    """Index of the top-1 source of every example and layer: [N, L]."""
+    return _by_blocks(traces, lambda alpha: np.argmax(alpha, axis=2))
+
+
+def _load_table(traces: TraceSet, top: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     load = np.stack([np.bincount(top[:, layer], minlength=traces.n_sources)
                      for layer in range(traces.n_layers)]).astype(np.float64) / traces.n_examples
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -297,13 +329,19 @@ def expert_load_table(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
     return load, entropy
 
 
+def expert_load_table(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
+    """``(load [L, S], entropy [L])``: the share of tokens whose top-1 expert is each
+    source, per layer, and the entropy of that share (nats; log S when balanced)."""
+    return _load_table(traces, _top1(traces))
+
+
 def expert_load(traces: TraceSet) -> np.ndarray:
     """Load (share of tokens) of each token's own top-1 expert, mean over multi-expert layers."""
     keep = _multi_source_layers(traces)
     if not keep.any():
         return np.zeros(traces.n_examples)
-    load, _ = expert_load_table(traces)
-    top = np.argmax(_routing64(traces), axis=2)  # [N, L]
+    top = _top1(traces)  # [N, L]
+    load, _ = _load_table(traces, top)
     layers = np.flatnonzero(keep)
     return load[layers[None, :], top[:, layers]].mean(axis=1)
 
@@ -381,11 +419,22 @@ def default_registry() -> SummaryRegistry:
 TV_MIN = 1e-4
 
 
+def _mean_routing(traces: TraceSet) -> np.ndarray:
+    """ᾱ [1, L, S]: the mean float64 routing over examples, summed block by block in row
+    order (as numpy sums a reduction over the first axis), so it equals the whole-array mean."""
+    total = None
+    for rows in traces.row_blocks():
+        block = _routing64(traces, rows)
+        total = (block.sum(axis=0) if total is None
+                 else np.concatenate([total[None], block]).sum(axis=0))
+    assert total is not None
+    return (total / traces.n_examples)[None]
+
+
 def per_example_tv(traces: TraceSet) -> np.ndarray:
     """½ Σ_k |α_ik − ᾱ_k| for every example and layer: shape [N, L] (float64)."""
-    alpha = np.where(traces.source_mask[None], traces.routing.astype(np.float64), 0.0)
-    mean = alpha.mean(axis=0, keepdims=True)
-    return 0.5 * np.abs(alpha - mean).sum(axis=2)
+    mean = _mean_routing(traces)
+    return _by_blocks(traces, lambda alpha: 0.5 * np.abs(alpha - mean).sum(axis=2))
 
 
 def layer_tv(traces: TraceSet) -> np.ndarray:
@@ -408,8 +457,13 @@ def schedule_deviation(traces: TraceSet) -> tuple[float, tuple[int, int, int]] |
     if schedule.shape != traces.routing.shape[1:]:
         raise ValueError(f"declared schedule has shape {schedule.shape}, routing is "
                          f"[N, L, S] = {traces.routing.shape}")
-    diff = np.where(traces.source_mask[None],
-                    np.abs(traces.routing.astype(np.float64) - schedule[None]), 0.0)
-    flat = int(np.argmax(diff))
-    where = np.unravel_index(flat, diff.shape)
-    return float(diff.reshape(-1)[flat]), (int(where[0]), int(where[1]), int(where[2]))
+    best, where = -1.0, (0, 0, 0)
+    for rows in traces.row_blocks():
+        diff = np.where(traces.source_mask[None],
+                        np.abs(traces.routing[rows].astype(np.float64) - schedule[None]), 0.0)
+        flat = int(np.argmax(diff))
+        value = float(diff.reshape(-1)[flat])
+        if value > best:  # strictly: the first block holding the maximum wins, as argmax does
+            at = np.unravel_index(flat, diff.shape)
+            best, where = value, (int(at[0]) + rows.start, int(at[1]), int(at[2]))
+    return best, where

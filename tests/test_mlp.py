@@ -171,3 +171,55 @@ def test_hand_written_gradient_matches_autograd():
     loss = tr._masked_bce(tr._forward(leaf, x, layers), y, mask).sum()
     (ref,) = torch.autograd.grad(loss, leaf)
     torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-14)
+
+
+def test_forward_matches_a_plain_numpy_forward_per_network():
+    """The batched forward (GEMM layers, multiply-and-sum for the one-output layer) against
+    an independent float64 numpy forward of each network's unpacked weights."""
+    from routeaudit.calibrators import mlp_training as tr
+
+    d, hidden = 5, (7, 6)
+    layers = tr._layer_sizes(d, hidden)
+    rng = np.random.default_rng(1)
+    flat = rng.normal(size=(4, tr._n_parameters(d, hidden)))
+    x = rng.normal(size=(4, 13, d))
+    got = tr._forward(torch.tensor(flat), torch.tensor(x), layers).numpy()
+    for b in range(4):
+        h, off = x[b], 0
+        for k, (fi, fo) in enumerate(layers):
+            W = flat[b, off : off + fi * fo].reshape(fi, fo)
+            bias = flat[b, off + fi * fo : off + fi * fo + fo]
+            off += fi * fo + fo
+            h = h @ W + bias
+            if k < len(layers) - 1:
+                h = np.maximum(h, 0.0)
+        np.testing.assert_allclose(got[b], h[:, 0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 8, 9, 10, 17, 36, 37])
+def test_passes_cover_all_networks_in_balanced_groups(n):
+    from routeaudit.calibrators import mlp_training as tr
+
+    parts = tr._passes(n)
+    covered = [i for part in parts for i in range(n)[part]]
+    assert covered == list(range(n))
+    sizes = [len(range(n)[part]) for part in parts]
+    assert max(sizes) <= tr._NETS_PER_PASS
+    assert len(parts) == -(-n // tr._NETS_PER_PASS)  # as few passes as the cap allows
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_networks_per_pass_does_not_change_the_result(monkeypatch):
+    """Each network's arithmetic must not depend on which networks share its kernel pass."""
+    from routeaudit.calibrators import mlp_training as tr
+
+    data = [xor_data(n, seed=20 + i) for i, n in enumerate([300, 240, 300, 190, 300])]
+    args = ([d[0] for d in data], [d[1] for d in data], [0, 1, 2, 3, 4])
+    small = {**SMALL, "max_epochs": 8}
+    ref = fit_many(*args, **small)  # 10 networks: two passes of 5
+    monkeypatch.setattr(tr, "_NETS_PER_PASS", 3)  # four passes of 3, 3, 2, 2
+    other = fit_many(*args, **small)
+    for a, b in zip(ref, other, strict=True):
+        for wa, wb in zip(a.coefs_ + a.intercepts_, b.coefs_ + b.intercepts_, strict=True):
+            np.testing.assert_array_equal(wa, wb)
+        np.testing.assert_array_equal(a.restart_val_losses_, b.restart_val_losses_)

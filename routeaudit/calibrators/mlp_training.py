@@ -7,7 +7,8 @@ importing torch costs seconds. :mod:`routeaudit.calibrators.mlp` (the estimator,
 
 :func:`fit_templates` (the engine of :func:`~routeaudit.calibrators.mlp.fit_many`) trains
 many models — e.g. 3 seeds × 4 control variants × 3 restarts — as one batched model: every
-parameter has a leading model dimension, layers are ``torch.baddbmm``, and each model keeps
+parameter has a leading model dimension, layers are ``torch.baddbmm`` (the one-output layer a
+multiply-and-sum: batched GEMM with one output column is a slow path on CPU), and each model keeps
 its own data, minibatch order, Adam state and early-stopping state (a mask switches a
 model's Adam step off when it has no minibatch left in an epoch; a model that stops is
 dropped from the batch). Training is float32 with a hand-written backward pass (checked
@@ -37,7 +38,15 @@ if TYPE_CHECKING:
 
 _ALIGN = 64  #: rows of every minibatch / validation block are padded to a multiple of this
 _BETA1, _BETA2, _EPS = 0.9, 0.999, 1e-8
-_NETS_PER_PASS = 16  #: networks per kernel pass (bounds the activation memory of a pass)
+_NETS_PER_PASS = 9  #: most networks per kernel pass (keeps a pass's activations in L2 cache)
+
+
+def _passes(n: int) -> list[slice]:
+    """``n`` networks in near-equal groups of at most ``_NETS_PER_PASS`` (balanced: no small
+    leftover group, which would run the kernels at a worse size)."""
+    k = -(-n // _NETS_PER_PASS)
+    bounds = [i * (n // k) + min(i, n % k) for i in range(k + 1)]  # as np.array_split
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 def _round_up(n: int, k: int = _ALIGN) -> int:
@@ -96,7 +105,12 @@ def _forward(flat: torch.Tensor, x: torch.Tensor, layers, keep: bool = False):
     params = _unpack(flat, layers)
     for k, (W, b) in enumerate(params):
         inputs.append(h)
-        h = torch.baddbmm(b, h, W)
+        if W.shape[-1] == 1:
+            # a one-output layer is a dot product per row: multiply-and-sum is ~4x faster than
+            # batched GEMM with one output column (a slow path on CPU)
+            h = (h * W.transpose(1, 2)).sum(dim=-1, keepdim=True).add_(b)
+        else:
+            h = torch.baddbmm(b, h, W)
         if k < len(params) - 1:
             h = torch.relu_(h)
     logits = h.squeeze(-1)
@@ -104,7 +118,12 @@ def _forward(flat: torch.Tensor, x: torch.Tensor, layers, keep: bool = False):
 
 
 def _gradient(
-    flat: torch.Tensor, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, layers
+    flat: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    layers,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient [B, P] of Σ_b Σ_i weight_bi · BCE(logit_bi, y_bi), by hand-written backprop.
 
@@ -119,7 +138,10 @@ def _gradient(
         W, _ = params[k]
         a = inputs[k]
         grads.append(delta.sum(dim=1))  # bias: [B, out]
-        grads.append(torch.bmm(a.transpose(1, 2), delta).flatten(1))  # weight: [B, in·out]
+        if delta.shape[-1] == 1:  # weight of a one-output layer: a row-weighted column sum
+            grads.append((a * delta).sum(dim=1))  # [B, in], ~6x faster than bmm with N = 1
+        else:
+            grads.append(torch.bmm(a.transpose(1, 2), delta).flatten(1))  # weight: [B, in·out]
         if k > 0:
             # Below a one-output layer the product is an outer product: one rounding per element
             # either way, so the broadcast multiply is bit-identical to bmm and ~10x faster
@@ -128,7 +150,9 @@ def _gradient(
             delta = delta * W.transpose(1, 2) if outer else torch.bmm(delta, W.transpose(1, 2))
             # ReLU backward (a = the ReLU output of the layer below): one fused pass
             delta = torch.ops.aten.threshold_backward(delta, a, 0.0)
-    return torch.cat(grads[::-1], dim=1)
+    if out is None:
+        return torch.cat(grads[::-1], dim=1)
+    return torch.cat(grads[::-1], dim=1, out=out)
 
 
 def _masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -328,26 +352,28 @@ def _train(Ztr, ytr, Zva, yva, init, rngs, layers, cfg):
             m = np.zeros(nb * bs, dtype=np.float32)
             m[: ntr[k]] = 1.0
             mask[k, :nb, :bs] = m.reshape(nb, bs)
-        # this epoch's minibatches, gathered once: [steps, L, bs_pad, ...], contiguous per step
-        idx_t = torch.from_numpy(idx.reshape(L, -1)).to(device)
-        rows_idx = torch.arange(L, device=device)[:, None]
-        xe = Xtr[rows_idx, idx_t].reshape(L, steps, bs_pad, d).transpose(0, 1).contiguous()
-        ye = Ytr[rows_idx, idx_t].reshape(L, steps, bs_pad).transpose(0, 1).contiguous()
-        me = torch.from_numpy(mask).to(device)
-        we = (me / me.sum(dim=2, keepdim=True).clamp(min=1.0)).transpose(0, 1).contiguous()
+        # this epoch's minibatches, gathered once as [steps, L, bs_pad, ...] (contiguous per
+        # step): one index_select of rows of the flattened training data (a plain copy)
+        flat_idx = idx + (np.arange(L) * Xtr.shape[1])[:, None, None]
+        flat_idx = torch.from_numpy(np.ascontiguousarray(flat_idx.transpose(1, 0, 2)).reshape(-1))
+        flat_idx = flat_idx.to(device)
+        xe = Xtr.reshape(-1, d).index_select(0, flat_idx).reshape(steps, L, bs_pad, d)
+        ye = Ytr.reshape(-1).index_select(0, flat_idx).reshape(steps, L, bs_pad)
+        me = torch.from_numpy(np.ascontiguousarray(mask.transpose(1, 0, 2))).to(device)
+        we = me / me.sum(dim=2, keepdim=True).clamp(min=1.0)
+        grad = torch.empty_like(flat)
+        passes = _passes(L)
         for s in range(steps):
-            active = n_batches > s
-            for c in range(0, L, _NETS_PER_PASS):  # cache-sized groups of networks
-                part = slice(c, c + _NETS_PER_PASS)
-                grad = _gradient(flat[part], xe[s, part], ye[s, part], we[s, part], layers)
-                opt.step(flat, grad, active[part], part)
+            for part in passes:  # cache-sized groups of networks
+                _gradient(flat[part], xe[s, part], ye[s, part], we[s, part], layers, out=grad[part])
+            opt.step(flat, grad, n_batches > s)  # element-wise: one pass for all networks
         vl = np.concatenate(
             [
                 _masked_bce(_forward(flat[part], Xva[part], layers), Yva[part], Mva[part])
                 .double()
                 .cpu()
                 .numpy()
-                for part in (slice(c, c + _NETS_PER_PASS) for c in range(0, L, _NETS_PER_PASS))
+                for part in passes
             ]
         )
         n_epochs[live] = epoch

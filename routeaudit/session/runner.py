@@ -138,8 +138,8 @@ def frozen_routing_reason(ctx: AuditContext) -> str | None:
     of each running its statistics on float noise.
     """
     tv_min = ctx.settings.tv_min
-    for seed in ctx.seeds:
-        independent, largest = content_independent(seed.traces, tv_min)
+    for traces in {id(seed.traces): seed.traces for seed in ctx.seeds}.values():  # once per trace set
+        independent, largest = content_independent(traces, tv_min)
         if independent:
             return (f"routing is content-independent (no routing variation: largest per-layer "
                     f"TV distance from the mean routing {largest:.2g} < {tv_min:g}), so no "

@@ -35,6 +35,12 @@ MAX_NPY_HEADER = 10_000
 #: is lying about its size (a zip bomb or corruption).
 MAX_DEFLATE_RATIO = 1032
 _CHUNK = 1 << 24
+#: Uncompressed ``.npy`` files of a trace directory at least this large are memory-mapped
+#: (read-only) instead of read into memory, so N x L x S routing need not fit in RAM.
+MMAP_MIN_BYTES = 64 << 20
+#: Elements per row block when validating or summarising [N, ...] arrays block by block: peak
+#: memory stays O(block) however large N is (4M elements: 32 MB as float64).
+BLOCK_ELEMENTS = 1 << 22
 
 _NPZ_EXPECTED = "a .npz file written by TraceSet.save_npz or numpy.savez"
 _DIR_EXPECTED = "a trace directory written by TraceSet.save or `routeaudit extract`"
@@ -63,6 +69,14 @@ def _first_index(bad: np.ndarray) -> tuple[int, ...] | int:
     where = np.argwhere(bad)[0]
     return int(where[0]) if where.size == 1 else tuple(int(i) for i in where)
 
+
+
+def row_blocks(n_rows: int, row_elements: int, block_elements: int | None = None) -> list[slice]:
+    """Consecutive row slices covering ``range(n_rows)``, each about ``block_elements``
+    (default BLOCK_ELEMENTS) elements of rows of ``row_elements`` (at least one row)."""
+    size = BLOCK_ELEMENTS if block_elements is None else block_elements
+    step = max(1, size // max(1, row_elements))
+    return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
 def _value(x: Any) -> str:

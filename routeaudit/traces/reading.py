@@ -38,6 +38,7 @@ from routeaudit.traces._common import (
     MAX_DEFLATE_RATIO,
     MAX_JSON_BYTES,
     MAX_NPY_HEADER,
+    MMAP_MIN_BYTES,
     REQUIRED_ARRAYS,
     SCHEMA_VERSION,
     _brief,
@@ -315,7 +316,9 @@ def _read_json_bytes(path: Path, expected: str) -> bytes:
         if size > MAX_JSON_BYTES:
             raise TraceFileError(path, f"is {size:,} bytes", expected=f"{expected} "
                                  f"(at most {MAX_JSON_BYTES:,} bytes)")
-        return _read_some(handle, MAX_JSON_BYTES + 1, path)
+        # read what the file holds (plus one byte, should it have grown), never a buffer of
+        # MAX_JSON_BYTES: Python allocates the whole requested size up front
+        return _read_some(handle, size + 1, path)
 
 
 def _parse_json(path: Path, raw: bytes, expected: str) -> Any:
@@ -533,9 +536,35 @@ def _batch_starts(batch_rows: list[list[int]]) -> list[int]:
     return starts
 
 
-def _read_listed_npy(directory: Path, name: str, entry: dict[str, Any]) -> np.ndarray:
+def _map_npy_data(file: Path, offset: int, header: _Header) -> np.ndarray:
+    """The data of a checked ``.npy`` file as a read-only memory map (nothing is read now;
+    pages come from the file as they are used). The header was checked against the file's
+    size, so the map covers exactly the declared bytes."""
+    try:
+        mapped = np.memmap(file, dtype=header.dtype, mode="r", offset=offset, shape=header.shape,
+                           order="F" if header.fortran else "C")
+    except (OSError, ValueError) as exc:
+        raise TraceFileError(file, f"cannot be memory-mapped ({_exc_text(exc)})",
+                             expected="a readable .npy file on a file system that supports mmap",
+                             hint=_REWRITE) from None
+    return mapped
+
+
+def _wants_map(mmap: bool | None, header: _Header) -> bool:
+    """Whether to map rather than read: ``mmap`` when given, else large arrays only."""
+    if header.nbytes == 0:  # an empty map is an error in mmap(2)
+        return False
+    return header.nbytes >= MMAP_MIN_BYTES if mmap is None else mmap
+
+
+def _read_listed_npy(directory: Path, name: str, entry: dict[str, Any], *,
+                     mmap: bool | None = None) -> np.ndarray:
     """One array file of a trace directory: digest, then header, then manifest, then data
-    (a per-example array of a sharded directory: its shards, joined in batch order)."""
+    (a per-example array of a sharded directory: its shards, joined in batch order).
+
+    ``mmap``: True maps the data read-only (np.memmap) after every check, False reads it,
+    None (default) maps arrays of at least MMAP_MIN_BYTES. Joined shards are always read.
+    A mapped file must not be changed while the traces are in use."""
     if "parts" in entry:
         return _read_joined(directory, name, entry)
     file = directory / entry["file"]
@@ -551,6 +580,8 @@ def _read_listed_npy(directory: Path, name: str, entry: dict[str, Any]) -> np.nd
                 name, f"has shape {header.shape} dtype {header.dtype}",
                 expected=f"shape {entry['shape']} dtype {entry['dtype']} as in manifest",
                 source=directory)
+        if _wants_map(mmap, header):
+            return _map_npy_data(file, handle.tell(), header)
         return _read_npy_data(handle, header, file)
 
 

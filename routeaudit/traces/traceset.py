@@ -47,6 +47,7 @@ from routeaudit.traces._common import (
     _sha256,
     _stat,
     _value,
+    row_blocks,
 )
 from routeaudit.traces.meta import TraceMeta
 from routeaudit.traces.reading import (
@@ -186,23 +187,7 @@ class TraceSet:
             i = _first_index(bad)
             raise TraceValidationError("labels", f"value {int(labels[i])} out of range", index=i,
                                        expected=f"an integer in [0, {logits.shape[1]})")
-        mask = self._checked_mask()
-        negative = routing < 0
-        if negative.any():
-            raise TraceValidationError("routing", "negative weight", index=_first_index(negative),
-                                       expected="weights ≥ 0")
-        off_mask = (routing > ROUTING_ROW_TOLERANCE) & ~mask[None]
-        if off_mask.any():
-            raise TraceValidationError(
-                "routing", "weight on a source that source_mask marks invalid",
-                index=_first_index(off_mask), expected="0 on masked sources")
-        sums = np.where(mask[None], routing, 0.0).sum(axis=2, dtype=np.float64)
-        off = np.abs(sums - 1.0) > ROUTING_ROW_TOLERANCE
-        if off.any():
-            i = _first_index(off)
-            raise TraceValidationError(
-                "routing", f"row sums to {float(sums[i]):.6g} over valid sources",
-                index=i, expected=f"1 within {ROUTING_ROW_TOLERANCE} (index is [example, layer])")
+        _check_distributions(routing, self._checked_mask())
         for name in ("group", "token_index"):
             value = getattr(self, name)
             if value is not None and value.shape != (n,):
@@ -275,6 +260,14 @@ class TraceSet:
                     raise TraceValidationError(
                         f"meta.source_families[{family!r}]", f"names source {source}", index=j,
                         expected=f"source indices in [0, {n_sources}): S = {n_sources} as in routing")
+
+    def row_blocks(self, row_elements: int | None = None) -> list[slice]:
+        """Example slices covering all N rows in blocks of a few million elements (of
+        routing rows, L × S, unless ``row_elements`` says otherwise): work done block by
+        block on memory-mapped traces keeps peak memory O(block), not O(N × L × S)."""
+        if row_elements is None:
+            row_elements = self.n_layers * self.n_sources
+        return row_blocks(self.n_examples, row_elements)
 
     def require_examples(self, minimum: int, why: str) -> None:
         """Fail with a TraceValidationError when fewer than ``minimum`` examples are present."""
@@ -406,12 +399,17 @@ class TraceSet:
         return meta
 
     @classmethod
-    def load(cls, path: str | bytes | os.PathLike[str]) -> TraceSet:
+    def load(cls, path: str | bytes | os.PathLike[str], *, mmap: bool | None = None) -> TraceSet:
         """Load a trace directory or an ``.npz`` file, validating everything.
 
         Any problem with the file (missing, unreadable, damaged, pickled, not what its name
         says) is a TraceFileError; arrays or meta that break the contract are a
         TraceValidationError naming the field and the file.
+
+        ``mmap`` (trace directories only; ``.npz`` members are compressed and always read):
+        None maps the array files of at least 64 MiB read-only instead of reading them, so
+        routing larger than memory can be audited; True maps every array, False none. A
+        mapped trace directory must not be changed while the TraceSet is in use.
         """
         path = Path(os.fsdecode(path))
         what = "a trace directory (with manifest.json) or a .npz file"
@@ -419,7 +417,7 @@ class TraceSet:
         if stat.S_ISDIR(info.st_mode):
             if path.suffix == ".npz" and not os.path.lexists(path / MANIFEST):
                 raise TraceFileError(path, "is a folder, not a .npz file", expected=what)
-            return cls._load_directory(path)
+            return cls._load_directory(path, mmap)
         if path.suffix == ".npz":
             return cls._load_npz(path)
         if path.name == MANIFEST:
@@ -469,9 +467,10 @@ class TraceSet:
         return cls._from_file(path, arrays, meta)
 
     @classmethod
-    def _load_directory(cls, path: Path) -> TraceSet:
+    def _load_directory(cls, path: Path, mmap: bool | None = None) -> TraceSet:
         entries, meta = _read_manifest(path)
-        arrays = {name: _read_listed_npy(path, name, entry) for name, entry in entries.items()}
+        arrays = {name: _read_listed_npy(path, name, entry, mmap=mmap)
+                  for name, entry in entries.items()}
         return cls._from_file(path, arrays, meta)
 
 
@@ -520,11 +519,61 @@ def _as_int(name: str, value: Any, *, expected: str = "integers") -> np.ndarray:
     raise TraceValidationError(name, f"has dtype {array.dtype}", expected="an integer array")
 
 
+def _blocks(array: np.ndarray) -> list[slice]:
+    """Row slices of ``array`` (by its first axis) of a few million elements each."""
+    return row_blocks(array.shape[0], int(np.prod(array.shape[1:], dtype=np.int64)))
+
+
+def _shifted(index: tuple[int, ...] | int, start: int) -> tuple[int, ...] | int:
+    """An index into a block of rows as an index into the whole array."""
+    if isinstance(index, int):
+        return index + start
+    return (index[0] + start, *index[1:])
+
+
 def _check_finite(name: str, array: np.ndarray) -> None:
-    bad = ~np.isfinite(array)
-    if bad.any():
-        i = _first_index(bad)
-        raise TraceValidationError(name, f"non-finite value {_value(array[i])}", index=i,
-                                   expected="finite numbers (no NaN or inf)")
+    """Block by block (``array`` has rank ≥ 1), so a memory-mapped array is never copied whole."""
+    for rows in _blocks(array):
+        block = array[rows]
+        bad = ~np.isfinite(block)
+        if bad.any():
+            i = _first_index(bad)
+            raise TraceValidationError(name, f"non-finite value {_value(block[i])}",
+                                       index=_shifted(i, rows.start),
+                                       expected="finite numbers (no NaN or inf)")
+
+
+def _check_distributions(routing: np.ndarray, mask: np.ndarray) -> None:
+    """Routing rows are distributions over the valid sources: weights ≥ 0, none on a masked
+    source, each [example, layer] row summing to 1 within ROUTING_ROW_TOLERANCE. One pass in
+    row blocks (peak memory O(block), even for memory-mapped routing); the error reported is
+    the one a whole-array check gives: the first kind that fails, at its first index."""
+    first: dict[str, tuple[Any, float]] = {}
+    for rows in _blocks(routing):
+        block = routing[rows]
+        checks = (("negative", block < 0),
+                  ("off_mask", (block > ROUTING_ROW_TOLERANCE) & ~mask[None]))
+        for kind, bad in checks:
+            if kind not in first and bad.any():
+                first[kind] = (_shifted(_first_index(bad), rows.start), 0.0)
+        if "sums" not in first:
+            sums = np.where(mask[None], block, 0.0).sum(axis=2, dtype=np.float64)
+            off = np.abs(sums - 1.0) > ROUTING_ROW_TOLERANCE
+            if off.any():
+                i = _first_index(off)
+                first["sums"] = (_shifted(i, rows.start), float(sums[i]))
+        if "negative" in first:
+            break  # the first kind checked: nothing later can be reported before it
+    if "negative" in first:
+        raise TraceValidationError("routing", "negative weight", index=first["negative"][0],
+                                   expected="weights ≥ 0")
+    if "off_mask" in first:
+        raise TraceValidationError("routing", "weight on a source that source_mask marks invalid",
+                                   index=first["off_mask"][0], expected="0 on masked sources")
+    if "sums" in first:
+        index, total = first["sums"]
+        raise TraceValidationError(
+            "routing", f"row sums to {total:.6g} over valid sources", index=index,
+            expected=f"1 within {ROUTING_ROW_TOLERANCE} (index is [example, layer])")
 
 
