@@ -19,8 +19,11 @@ the established libraries disagree on them (see ``reference-values.md``):
 from __future__ import annotations
 
 import math
+import os
+import warnings
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -57,6 +60,13 @@ _MAX_BINS = 10**6  # one bincount of this length per block
 # Examples are processed in blocks of this many so that every temporary stays in L2 cache;
 # the loop is over blocks, never over bins or examples.
 _CHUNK = 1 << 15
+# Equal-width bin sums of at least this many examples run the compiled kernels (numba) when
+# numba is importable; smaller inputs (and every input without numba) take the numpy path.
+# Both give the same bits. Tests set _USE_NUMBA = False to compare the two.
+_KERNEL_MIN = 1 << 16
+_USE_NUMBA = os.environ.get("ROUTEAUDIT_NUMBA", "1") != "0"
+_BLOCK = 1024  # examples per block of the compiled one-pass kernel (stays in L1)
+_COPIES = 8  # interleaved copies of the bin sums in that kernel (breaks store-load chains)
 
 
 # --------------------------------------------------------------------------- validation
@@ -224,8 +234,13 @@ def _width_bin_sums(
     One pass over the data in cache-sized blocks: bin candidates, a comparison, and one
     weighted ``np.bincount`` (plus an unweighted one for counts). The rare entries whose
     candidate is one bin too high are moved afterwards. Also validates ``conf``/``correct``.
+    Large inputs run the compiled one-pass kernel instead, with the same result bit for bit.
     """
     n = conf.size
+    if n >= _KERNEL_MIN:
+        compiled = _width_bin_sums_compiled(conf, correct, n_bins, closed, counts, group, n_groups)
+        if compiled is not None:
+            return compiled
     width = n_bins + 1  # slot n_bins collects last-bin values, folded back below
     size = n_groups * width
     s_acc = np.zeros(size)
@@ -269,6 +284,14 @@ def _width_bin_sums(
             s_acc += np.bincount(dst, moved, size) - np.bincount(src, moved, size)
             if n_acc is not None:
                 n_acc += np.bincount(dst, minlength=size) - np.bincount(src, minlength=size)
+    return _fold_last_slot(s_acc, n_acc, n_bins, n_groups)
+
+
+def _fold_last_slot(
+    s_acc: np.ndarray, n_acc: np.ndarray | None, n_bins: int, n_groups: int
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Per-(group, bin) sums from per-slot sums: slot n_bins joins the last bin."""
+    width = n_bins + 1
     s2 = s_acc.reshape(n_groups, width)
     s2[:, n_bins - 1] += s2[:, n_bins]
     s_out = s2[:, :n_bins].copy()
@@ -278,6 +301,206 @@ def _width_bin_sums(
         n2[:, n_bins - 1] += n2[:, n_bins]
         n_out = n2[:, :n_bins].copy()
     return s_out, n_out
+
+
+# --------------------------------------------------------------------------- compiled bin sums
+#
+# The numpy path above adds residuals into each slot in a fixed order (per block of _CHUNK
+# examples, then the moved entries), and float addition is not associative, so a faster
+# order could change the last bits of an ECE. The compiled path keeps the bits: its one-pass
+# kernel checks that every residual is a multiple of 2**-K with n * 2**(K+1) <= 2**53; then
+# every partial sum of any order is exact, so any order gives the numpy path's value. Slots
+# touched by a residual that fails the check (a float32 confidence below about 2**(23-K))
+# are recomputed by a kernel that follows the numpy path's order exactly; data that fails it
+# from the first block on (float64 confidences with full mantissas) takes the numpy path.
+
+
+def _fast_width_sums(
+    conf: np.ndarray, correct: np.ndarray, cbits: np.ndarray, ybits: np.ndarray, cone: Any,
+    yone: Any, group: np.ndarray, scale: float, step: float, edges: np.ndarray, use_table: bool,
+    right: bool, width: int, size: int, two_k: float, want_counts: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """One pass: per-slot sums and counts in any order, the slots whose sums might not be
+    exact, and a status: 0 done, 1 some input is outside [0, 1], 2 the first block already
+    has inexact residuals (float64 data: the numpy path's order is needed everywhere).
+
+    ``cbits``/``ybits`` are the inputs' bits as unsigned integers and ``cone``/``yone`` the
+    bits of 1.0 (1 for bool): a value is in [0, 1] iff its bits are at most those (-0.0 fails
+    too; the numpy path then accepts it).
+    """
+    acc = np.zeros(_COPIES * size)
+    cnt = np.zeros(_COPIES * size, np.int64)
+    flags = np.zeros(size, np.bool_)
+    slot = np.empty(_BLOCK, np.int64)
+    rr = np.empty(_BLOCK)
+    grouped = group.size > 0
+    n = conf.size
+    for start in range(0, n, _BLOCK):
+        m = min(_BLOCK, n - start)
+        c = conf[start : start + m]
+        y = correct[start : start + m]
+        cb = cbits[start : start + m]
+        yb = ybits[start : start + m]
+        cmax = cb[0]
+        ymax = yb[0]
+        n_inexact = 0
+        for j in range(m):  # vectorised: range check, bin, residual, exactness
+            cmax = max(cmax, cb[j])
+            ymax = max(ymax, yb[j])
+            cv = np.float64(c[j])
+            fx = math.floor(cv * scale)
+            down = (cv <= fx * step) if right else (cv < fx * step)
+            slot[j] = max(np.int64(fx) - np.int64(down), 0)
+            r = cv - np.float64(y[j])
+            rr[j] = r
+            t = r * two_k
+            n_inexact += t != math.floor(t)
+        if cmax > cone or ymax > yone:
+            return acc[:size], cnt[:size], flags, 1
+        if n_inexact and start == 0:
+            return acc[:size], cnt[:size], flags, 2
+        if use_table:  # a numpy build whose linspace edges are not m * step: look them up
+            for j in range(m):
+                cv = np.float64(c[j])
+                ib = np.int64(math.floor(cv * scale))
+                down = (cv <= edges[ib]) if right else (cv < edges[ib])
+                slot[j] = max(ib - np.int64(down), 0)
+        if grouped:
+            for j in range(m):
+                slot[j] += group[start + j] * width
+        if n_inexact:  # flag the slots these residuals pass through in the numpy path
+            for j in range(m):
+                r = rr[j] * two_k
+                if r != math.floor(r):
+                    ib = np.int64(math.floor(np.float64(c[j]) * scale))
+                    flags[ib + (group[start + j] * width if grouped else 0)] = True
+                    flags[slot[j]] = True
+        mm = m - m % _COPIES
+        for j in range(0, mm, _COPIES):  # the scatter, into 8 copies: no store-to-load chains
+            acc[slot[j]] += rr[j]
+            acc[size + slot[j + 1]] += rr[j + 1]
+            acc[2 * size + slot[j + 2]] += rr[j + 2]
+            acc[3 * size + slot[j + 3]] += rr[j + 3]
+            acc[4 * size + slot[j + 4]] += rr[j + 4]
+            acc[5 * size + slot[j + 5]] += rr[j + 5]
+            acc[6 * size + slot[j + 6]] += rr[j + 6]
+            acc[7 * size + slot[j + 7]] += rr[j + 7]
+        for j in range(mm, m):
+            acc[slot[j]] += rr[j]
+        if want_counts:
+            for j in range(m):
+                cnt[slot[j] + (j % _COPIES) * size] += 1
+    sums = acc[:size].copy()
+    counts = cnt[:size].copy()
+    for k in range(1, _COPIES):
+        for i in range(size):
+            sums[i] += acc[k * size + i]
+            counts[i] += cnt[k * size + i]
+    return sums, counts, flags, 0
+
+
+def _ordered_width_sums(
+    conf: np.ndarray, correct: np.ndarray, group: np.ndarray, scale: float, step: float,
+    edges: np.ndarray, use_table: bool, right: bool, width: int, size: int, chunk: int,
+    want: np.ndarray,
+) -> np.ndarray:
+    """Sums of the slots in ``want`` in the numpy path's exact order of additions
+    (blocks of ``chunk``, then the entries moved one bin down); other slots are garbage."""
+    s_acc = np.zeros(size)
+    cs = np.empty(size)
+    ds = np.empty(size)
+    ss = np.empty(size)
+    grouped = group.size > 0
+    n = conf.size
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        cs[:] = 0.0
+        ds[:] = 0.0
+        ss[:] = 0.0
+        moved = False
+        for i in range(start, stop):
+            cv = np.float64(conf[i])
+            fx = math.floor(cv * scale)
+            ib = np.int64(fx)
+            lower = edges[ib] if use_table else fx * step
+            down = (cv <= lower) if right else (cv < lower)
+            idx = ib + group[i] * width if grouped else ib
+            moved |= down
+            if want[idx]:
+                cs[idx] += cv - np.float64(correct[i])
+            dst = idx - 1 if down and ib > 0 else idx
+            if down and (want[idx] or want[dst]):
+                r = cv - np.float64(correct[i])
+                ds[dst] += r
+                ss[idx] += r
+        for k in range(size):
+            s_acc[k] += cs[k]
+        if moved:
+            for k in range(size):
+                s_acc[k] += ds[k] - ss[k]
+    return s_acc
+
+
+@lru_cache(maxsize=1)
+def _compiled_kernels() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """The two kernels, compiled with numba on first use (cached on disk), or None."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    if numba.config.DISABLE_JIT:
+        return None
+
+    def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
+        try:
+            return numba.njit(cache=True, nogil=True)(fn)
+        except RuntimeError:  # no writable cache directory: compile once per process
+            return numba.njit(cache=False, nogil=True)(fn)
+
+    try:
+        return numba.njit(cache=True, nogil=True)(_fast_width_sums), jit(_ordered_width_sums)
+    except RuntimeError:
+        warnings.warn("numba cannot cache the ECE kernels (no writable cache directory; set "
+                      "NUMBA_CACHE_DIR): they are compiled once per process", RuntimeWarning,
+                      stacklevel=3)
+        return jit(_fast_width_sums), jit(_ordered_width_sums)
+
+
+def _width_bin_sums_compiled(
+    conf: np.ndarray,
+    correct: np.ndarray,
+    n_bins: int,
+    closed: BinClosure,
+    counts: bool,
+    group: np.ndarray | None,
+    n_groups: int,
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """:func:`_width_bin_sums` bit for bit, in one pass; None when numba is unavailable, an
+    input is out of range (the numpy path then raises the usual error) or the first block
+    already has residuals that are not multiples of 2**-K (float64 data: the numpy path's
+    order of additions is needed everywhere, and numpy is as fast at it)."""
+    kernels = _compiled_kernels() if _USE_NUMBA else None
+    if kernels is None:
+        return None
+    fast, ordered = kernels
+    scale, step, edges = _width_plan(n_bins)
+    table = np.zeros(1) if edges is None else edges
+    width = n_bins + 1
+    size = n_groups * width
+    g = np.zeros(0, dtype=np.intp) if group is None else np.ascontiguousarray(group, dtype=np.intp)
+    two_k = math.ldexp(1.0, 52 - int(conf.size).bit_length())
+    c = np.ascontiguousarray(conf)
+    y = np.ascontiguousarray(correct)
+    ctype, cone = _ONE_BITS[c.dtype]
+    ytype, yone = (np.uint8, np.uint8(1)) if y.dtype == np.bool_ else _ONE_BITS[y.dtype]
+    args = (g, scale, step, table, edges is not None, closed == "right", width, size)
+    sums, cnt, flags, status = fast(c, y, c.view(ctype), y.view(ytype), cone, yone, *args, two_k, counts)
+    if status:  # an input outside [0, 1] (the numpy path raises), or float64 data throughout
+        return None
+    if flags.any():  # a few slots saw residuals that are not multiples of 2**-K
+        exact = ordered(c, y, *args, _CHUNK, flags)
+        sums[flags] = exact[flags]
+    return _fold_last_slot(sums, cnt if counts else None, n_bins, n_groups)
 
 
 def bin_indices(

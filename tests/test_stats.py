@@ -16,6 +16,7 @@ from routeaudit.stats import (
     GapResult,
     PermutationResult,
     _backend,
+    _kernels,
     benjamini_hochberg,
     bootstrap_ci,
     bootstrap_gap,
@@ -23,7 +24,6 @@ from routeaudit.stats import (
     gap_statistics,
     gaps,
     holm,
-    permutation,
     quantile_strata,
     rng_for,
     seed_summary,
@@ -450,25 +450,30 @@ def test_torch_kernel_equals_numpy_kernel(monkeypatch):
     assert np.array_equal(on_torch.null, base.null) and on_torch.p_value == base.p_value
 
 
-def test_key_ties_are_resolved_exactly(monkeypatch):
-    """6-bit keys tie at almost every stratum boundary; the exact fix-up keeps the null."""
+def test_draw_rejections_are_resolved_exactly(monkeypatch):
+    """6-bit draws need a Lemire rejection in almost every (permutation, bin); the exact
+    redraw path keeps the null. (Replaces the key-tie test of the earlier sort-based engine:
+    the same rare-path check, for the rare path this engine has.)"""
     calls = []
-    real = permutation._resolve_ties
+    real = _kernels._fix_flagged
 
-    def counting(le, ties, *args):
-        calls.append(int(ties.any(axis=2).sum()))
-        return real(le, ties, *args)
+    def counting(le, flagged, *args):
+        calls.append(int(flagged.sum()))
+        return real(le, flagged, *args)
 
-    monkeypatch.setattr(permutation, "_KEY_BITS", 6)
-    monkeypatch.setattr(permutation, "_resolve_ties", counting)
-    bins, strata, res = make_cells(240, 4, seed=12)
+    monkeypatch.setattr(_kernels, "DRAW_BITS", 6)
+    monkeypatch.setattr(_kernels, "_fix_flagged", counting)
+    bins, strata, res = make_cells(240, 4, seed=12)  # bins of 60 <= 2**6 examples
     kw = dict(n_bins=4, n_strata=3, min_count=5)
     ours = within_bin_permutation_test(bins, strata, res, **kw, n_permutations=1500, rng=1)
-    assert sum(calls) > 1000
     chunked = within_bin_permutation_test(
         bins, strata, res, **kw, n_permutations=1500, rng=1, chunk_size=7
     )
     assert np.array_equal(chunked.null, ours.null)
+    monkeypatch.setattr(_kernels, "USE_NUMBA", False)  # the numpy twin counts its redraws
+    twin = within_bin_permutation_test(bins, strata, res, **kw, n_permutations=1500, rng=1)
+    assert sum(calls) > 1000
+    assert np.array_equal(twin.null, ours.null)
     ref = slow_null(bins, strata, res, 4, 3, 5, 1500, seed=2)
     assert sps.ks_2samp(ours.null, ref).pvalue > 1e-3
     se = np.hypot(ours.null_sd, ref.std()) / np.sqrt(1500)

@@ -1,9 +1,9 @@
 """Where the batched kernels run, and the chunk sizes that bound their memory.
 
-``device=None`` (or ``"cpu"``) runs numpy on the CPU, where numpy's row sort was measured 6x
-faster than ``torch.sort`` on one core of this project's machines; a GPU device runs the
-same kernels in torch. torch is imported only on that path, so the statistics engine (and
-``import routeaudit``) never loads it for CPU work.
+``device=None`` (or ``"cpu"``) runs the compiled numba kernels (numpy without numba) on the
+CPU; a GPU device runs the same computation in torch, bit for bit. torch is imported only
+on that path, so the statistics engine (and ``import routeaudit``) never loads it for CPU
+work.
 """
 
 from __future__ import annotations
@@ -17,12 +17,8 @@ DeviceLike = Any  # str | torch.device | None
 
 # Run the torch kernels even on CPU (tests use this to check torch == numpy bit for bit).
 _TORCH_ON_CPU = False
-# Keys per chunk of permutations or replicates when chunk_size is not given (bounds memory,
-# ~4 MiB on CPU, ~0.5 GiB on a GPU), and per block that is sorted at once on CPU (stays in
-# L2 cache).
+# Draws per chunk of permutations or replicates when chunk_size is not given (bounds memory).
 CHUNK_KEYS = 1 << 20
-DEVICE_CHUNK_KEYS = 1 << 24
-BLOCK_KEYS = 1 << 17
 
 
 def torch_device(device: DeviceLike) -> torch.device | None:

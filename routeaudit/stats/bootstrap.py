@@ -4,17 +4,20 @@ mean over resampled groups, and the paired gain between two probes (docs/methods
 
 Every replicate is a row of multinomial resampling counts; replicate k uses the k-th block
 of uniforms from the generator, so results do not depend on the chunk size. Replicates are
-processed in chunks, each fully vectorised: no Python loop over replicates or bins.
+processed in chunks, each fully vectorised: no Python loop over replicates or bins. The gap
+bootstrap sums its cells with a compiled kernel (numba) when it can, with the same numbers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
 import routeaudit.stats._backend as _backend
 from routeaudit.metrics import bin_indices
 from routeaudit.stats._backend import DeviceLike
-from routeaudit.stats.gaps import batched_weighted_gap, check_cells
+from routeaudit.stats.gaps import batched_weighted_gap, check_cells, gap_from_cells, quantise, scale_exponent
 from routeaudit.stats.rng import as_generator
 
 __all__ = [
@@ -93,8 +96,12 @@ def bootstrap_gap(
     if n == 0:
         return (np.nan, np.nan, values)
     chunk = int(chunk_size) if chunk_size else max(1, _backend.CHUNK_KEYS // n)
+    compiled = _compiled_gap_replicates(b, s, x, n_bins, n_strata, min_count, groups, device)
     for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each vectorised
         rows = min(chunk, int(n_boot) - row0)
+        if compiled is not None:
+            values[row0 : row0 + rows] = compiled(gen, rows)
+            continue
         counts = resampling_counts(gen, rows, n, groups)
         wg, _ = batched_weighted_gap(
             b,
@@ -109,6 +116,47 @@ def bootstrap_gap(
         values[row0 : row0 + rows] = wg
     lo, hi = bootstrap_ci(values, level)
     return lo, hi, values
+
+
+def _compiled_gap_replicates(
+    b: np.ndarray, s: np.ndarray, x: np.ndarray, n_bins: int, n_strata: int, min_count: int,
+    groups: np.ndarray | None, device: DeviceLike,
+) -> Callable[[np.random.Generator, int], np.ndarray] | None:
+    """The weighted gap of the next ``rows`` replicates with the compiled kernel (numba), or
+    None (no numba, or a GPU device). It consumes the generator exactly as
+    :func:`resampling_counts` does and sums the same integers, so the values are those of the
+    numpy path, bit for bit."""
+    import routeaudit.stats._kernels as _kernels
+
+    if _backend.torch_device(device) is not None or not _kernels.available():
+        return None
+    n = b.size
+    if groups is None:
+        members = np.arange(n, dtype=np.int64)
+        starts = np.arange(n + 1, dtype=np.int64)
+    else:
+        _, inverse = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
+        if inverse.size != n:
+            raise ValueError(f"groups has {inverse.size} entries for {n} examples")
+        members = np.argsort(inverse, kind="stable").astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(np.bincount(inverse))]).astype(np.int64)
+    sizes = np.diff(starts)
+    cell = (b * n_strata + s).astype(np.int64)
+    n_cells = n_bins * n_strata
+
+    def replicates(gen: np.random.Generator, rows: int) -> np.ndarray:
+        u = gen.random((rows, sizes.size))  # the uniforms of _multinomial_counts
+        n_terms = n if groups is None else int(_kernels.boot_row_weight(u, sizes))
+        exponent = scale_exponent(x, n_terms)  # as batched_weighted_gap picks it for the chunk
+        sums = np.empty((rows, n_cells), dtype=np.int64)
+        counts = np.empty((rows, n_cells), dtype=np.int64)
+        _kernels.boot_cell_sums(u, starts, members, cell, quantise(x, exponent), groups is not None,
+                                sums, counts)
+        real = np.ldexp(sums.astype(np.float64), -exponent).reshape(rows, n_bins, n_strata)
+        wg, _, _, _ = gap_from_cells(real, counts.reshape(rows, n_bins, n_strata), min_count)
+        return np.asarray(wg, dtype=np.float64)
+
+    return replicates
 
 
 def bootstrap_worst_tile_ece(
