@@ -451,6 +451,8 @@ class AuditContext:
     """The model adapter's session (None for trace targets); use :meth:`forward`."""
     audits: dict[str, Any] = field(default_factory=dict)
     """Every audit collected in this run, by name (see :meth:`audit`)."""
+    progress: Callable[[str], None] | None = None
+    """Where :meth:`step` reports the phase an audit is in (the runner's progress bar)."""
 
     @classmethod
     def for_traces(cls, traces: TraceSet | Sequence[TraceSet], *, seeds: Sequence[int] = (0, 1, 2),
@@ -506,6 +508,12 @@ class AuditContext:
         """The collected audit called ``name``, or None (absent, or blocked with ``-p no:``)."""
         return self.audits.get(name)
 
+    def step(self, what: str) -> None:
+        """Say what the audit is doing now (e.g. ``"permutations r_agg, seed 1"``); shown
+        next to the progress bar, never anything else. Long audits call it per seed."""
+        if self.progress is not None:
+            self.progress(what)
+
     def matched_excess(self, summary: str, seed: SeedData) -> MatchedExcess | str:
         """The permutation test and excess gap of ``summary`` in ``seed`` (memoised, so
         ``permutation_null`` and ``stratification`` share one computation), or why the
@@ -513,6 +521,7 @@ class AuditContext:
         key = ("matched_excess", summary, seed.seed)
         if key not in self.cache:
             s = self.settings
+            self.step(f"permutations and bootstrap: {summary}, seed {seed.seed}")
             part = seed.matched(summary, s)
             self.cache[key] = part.no_variation or matched_excess(
                 part, n_permutations=s.n_permutations, n_boot=s.n_bootstrap,

@@ -64,6 +64,10 @@ def test_audit_grid_bar_on_a_terminal_counts_cells_times_seeds(npz, tmp_path, mo
     cells = len([v for v in report["verdicts"] if v["audit"] == "permutation_null"])
     text = err.getvalue()
     assert "auditing" in text and f"0/{cells * len(SEEDS)} cell-seeds" in text
+    # the phase inside the audit (AuditContext.step): which summary and seed is being permuted
+    for seed in SEEDS:
+        assert "permutation_null: permutations and bootstrap: " in text
+        assert f", seed {seed}" in text
     assert text.endswith("\r")  # the bar clears its line before the report is printed
 
 

@@ -214,6 +214,7 @@ def study(ctx: AuditContext, setting: Setting = None) -> Study:
     if key not in ctx.cache:
         result = Study(spec, setting, tertile or "")
         for seed in ctx.seeds:
+            ctx.step(f"training {spec.name} and {len(variants)} controls, seed {seed.seed}")
             seed_result, summary = _seed_study(spec, seed, variants, setting, tertile,
                                                ctx.settings.n_bootstrap, 1 - ctx.settings.alpha)
             result.seeds.append(seed_result)

@@ -170,6 +170,7 @@ class GridProgress:
         self.config = config
         self.counts: Counter[str] = Counter()
         self.current = ""
+        self.current_phase = ""
         self.bar: Any = None
         stream = sys.stderr if stream is None else stream
         if total <= 0 or config.options.quiet >= 1 or not _isatty(stream):
@@ -185,6 +186,13 @@ class GridProgress:
     def start(self, audit: str) -> None:
         """Show the audit that is running now."""
         self.current = audit
+        self.current_phase = ""
+        if self.bar is not None:
+            self.bar.set_postfix_str(self._postfix())
+
+    def phase(self, what: str) -> None:
+        """Show what the running audit is doing (``AuditContext.step``)."""
+        self.current_phase = what
         if self.bar is not None:
             self.bar.set_postfix_str(self._postfix())
 
@@ -202,7 +210,8 @@ class GridProgress:
 
     def _postfix(self) -> str:
         tally = ", ".join(f"{self.counts[s.value]} {s.value}" for s in Status if self.counts[s.value])
-        return " · ".join(part for part in (self.current, tally) if part)
+        running = f"{self.current}: {self.current_phase}" if self.current_phase else self.current
+        return " · ".join(part for part in (running, tally) if part)
 
 
 def _isatty(stream: Any) -> bool:
@@ -252,6 +261,7 @@ def run_audits(config: Config, target: Target, audits: list[Audit],
     n_seeds = max(len(ctx.seeds), 1)
     progress = GridProgress(config, f"auditing {target.name}",
                             sum(len(cells) * n_seeds for _, cells in plan))
+    ctx.progress = progress.phase
     work = work_items(config, target, plan, ctx.control_kinds, frozen)
 
     def run_local(item: WorkItem) -> list[Verdict]:
