@@ -31,7 +31,7 @@ from routeaudit.report.svg import (
     text,
     xy_chart,
 )
-from routeaudit.report.terminal import effect_text, summary_line
+from routeaudit.report.terminal import config_text, effect_text, p_text, summary_line
 from routeaudit.verdict import Report, Verdict
 
 COLOURS = {"pass": "#d4edda", "fail": "#f8d7da", "inconclusive": "#fff3cd",
@@ -384,13 +384,6 @@ def figures(v: Verdict) -> list[Figure]:
     return (specific or _generic(v)) + _pooled(v)
 
 
-def _p(v: Verdict) -> str:
-    if v.p_value is None:
-        return ""
-    corrected = "" if v.p_value_corrected is None else f"{v.p_value_corrected:.3g}"
-    return f"{v.p_value:.3g} / {corrected}"
-
-
 def _value(x: Any, limit: int = 160) -> str:
     """A recorded value as short escaped text (long lists are counted, not printed)."""
     if isinstance(x, float):
@@ -438,7 +431,7 @@ def _config(report: Report) -> str:
     for key, value in report.config.items():
         src = sources.get(key, "")
         cls = " class='src-default'" if src == "default" else ""
-        rows.append(f"<tr><td>{text(key)}</td><td>{_value(value, 300)}</td>"
+        rows.append(f"<tr><td>{text(key)}</td><td>{text(config_text(value), 300)}</td>"
                     f"<td{cls}>{text(src or '—')}</td></tr>")
     return (f"<h2 id='config'>Effective configuration</h2>{note}<table><tr><th>option</th>"
             f"<th>value</th><th>from</th></tr>{''.join(rows)}</table>")
@@ -472,7 +465,7 @@ def render(report: Report) -> str:
             f"style='background:{COLOURS.get(status, '#fff')}'>"
             + (f"<td>{text(v.target)}</td>" if several else "")
             + f"<td>{text(v.audit)}</td><td>{text(cell)}{link}</td>"
-            f"<td>{text(status)}</td><td>{text(effect_text(v))}</td><td>{text(_p(v))}</td>"
+            f"<td>{text(status)}</td><td>{text(effect_text(v))}</td><td>{text(p_text(v))}</td>"
             f"<td class='reason'>{text(v.reason)}{_details(v)}</td></tr>")
         if figs:
             sections.append(f"<section class='v st-{text(status)}' id='fig{i}' data-key='{key}'>"

@@ -13,7 +13,6 @@ a table cell, a backtick or ``<`` would start code or HTML, a newline would end 
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 from routeaudit.errors import UsageError
 from routeaudit.hookspecs import hookimpl
 from routeaudit.report.files import MARKERS, check_target, write_atomic
-from routeaudit.verdict import Report, Status, Verdict
+from routeaudit.report.terminal import config_text, effect_text
+from routeaudit.verdict import Report, Status
 
 KIND = "markdown"
 #: First line of every markdown report: invisible when rendered, and how ``check_target``
@@ -72,22 +72,6 @@ def code(text: Any) -> str:
     return f"{fence}{pad}{one_line}{pad}{fence}"
 
 
-def _num(value: float | None) -> str:
-    if value is None or not math.isfinite(value):
-        return ""
-    return f"{value:.4g}"
-
-
-def effect(verdict: Verdict) -> str:
-    """The effect with its interval, 4 significant digits."""
-    if verdict.effect is None:
-        return ""
-    text = _num(verdict.effect)
-    if verdict.ci is not None:
-        text += f" [{_num(verdict.ci[0])}, {_num(verdict.ci[1])}]"
-    return text
-
-
 def one_line_reason(reason: str, limit: int = REASON_CHARS) -> str:
     text = _WHITESPACE.sub(" ", reason).strip()
     if len(text) > limit:
@@ -129,13 +113,13 @@ def to_markdown(report: Report) -> str:
         out += [f"### Claims that did not pass ({len(bad)})", ""]
         out += _table(["node id", "status", "reason", "effect [CI]"],
                       [[code(v.nodeid), f"{ICONS[v.status]} {v.status.value}",
-                        one_line_reason(v.reason), effect(v)] for v in bad])
+                        one_line_reason(v.reason), effect_text(v)] for v in bad])
         out.append("")
     passed = [v for v in report.verdicts if v.status is Status.PASS]
     if passed:
         out += _details(f"{len(passed)} passed", _table(
             ["node id", "effect [CI]", "reason"],
-            [[code(v.nodeid), effect(v), one_line_reason(v.reason)] for v in passed]))
+            [[code(v.nodeid), effect_text(v), one_line_reason(v.reason)] for v in passed]))
     skipped = [v for v in report.verdicts if v.status is Status.SKIP]
     if skipped:
         out += _details(f"{len(skipped)} skipped", _table(
@@ -153,23 +137,11 @@ def config_table(report: Report) -> list[str]:
     headers = ["option", "value"] + (["source"] if sources else [])
     rows = []
     for key in sorted(report.config):
-        row = [code(key), code(_value(report.config[key]))]
+        row = [code(key), code(config_text(report.config[key]))]
         if sources:
             row.append(escape(sources.get(key, "default")))
         rows.append(row)
     return _table(headers, rows, limit=None)  # never cut: it is what reproduces the run
-
-
-def _value(value: Any) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_value(v) for v in value) or "[]"
-    return str(value)
 
 
 def step_summary_path() -> Path | None:

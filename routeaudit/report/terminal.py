@@ -8,6 +8,7 @@ digits, small tables, long lists cut) rather than dumped; the JSON report has ev
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import textwrap
@@ -124,24 +125,49 @@ def verbose_lines(verdict: Verdict) -> list[str]:
     return lines
 
 
-def effect_text(verdict: Verdict) -> str:
-    if verdict.effect is None:
+def number_text(value: float | None, digits: int = 4) -> str:
+    """A recorded number as every reporter shows it: ``digits`` significant digits, blank
+    when absent or not finite."""
+    if value is None or not math.isfinite(value):
         return ""
-    text = f"{verdict.effect:.4f}"
-    if verdict.ci is not None:
-        text += f" [{verdict.ci[0]:.4f}, {verdict.ci[1]:.4f}]"
+    return _fmt(value, digits)
+
+
+def config_text(value: Any) -> str:
+    """An option's value exactly (floats by repr), so a report's configuration reproduces
+    the run: shared by the markdown and HTML reporters."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ", ".join(config_text(v) for v in value) or "[]"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def effect_text(verdict: Verdict) -> str:
+    """The effect with its interval (the ``effect [CI]`` column of every reporter)."""
+    text = number_text(verdict.effect)
+    if text and verdict.ci is not None:
+        text += f" [{number_text(verdict.ci[0])}, {number_text(verdict.ci[1])}]"
     return text
+
+
+def p_text(verdict: Verdict) -> str:
+    """The ``p raw / corr`` column of every reporter."""
+    if verdict.p_value is None:
+        return ""
+    return f"{number_text(verdict.p_value, 3)} / {number_text(verdict.p_value_corrected, 3)}"
 
 
 def table(verdicts: list[Verdict], *, width: int = 60, limit: int | None = 320) -> str:
     """The verdict table; reasons longer than ``limit`` characters are cut (``-v``: never)."""
     rows = []
     for v in verdicts:
-        p = "" if v.p_value is None else f"{_fmt(v.p_value, 3)} / {_fmt(v.p_value_corrected, 3)}"
         reason = v.reason
         if limit is not None and len(reason) > limit:
             reason = reason[: limit - 1].rstrip() + "…"
-        rows.append([v.audit, v.cell_id, v.status.value.upper(), effect_text(v), p,
+        rows.append([v.audit, v.cell_id, v.status.value.upper(), effect_text(v), p_text(v),
                      textwrap.fill(reason, width=width)])
     headers = ["audit", "cell", "status", "effect [CI]", "p raw / corr", "reason"]
     from tabulate import tabulate
