@@ -201,7 +201,20 @@ def _init_worker() -> None:
         sys.modules["torch"].set_num_threads(1)
 
 
-class ProcessExecutor:
+class _Unordered:
+    """An executor whose work comes back as it finishes (``map_unordered``); ``map`` puts it
+    back in plan order."""
+
+    def map_unordered(self, fn: Callable[[Any], Any], items: Iterable[WorkItem]
+                      ) -> Iterator[tuple[int, Result]]:
+        raise NotImplementedError
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[WorkItem]) -> Iterator[Result]:
+        done = dict(self.map_unordered(fn, items))
+        return iter(done[i] for i in sorted(done))
+
+
+class ProcessExecutor(_Unordered):
     """A pool of spawned processes (``--executor process[:N]``), made on first use."""
 
     def __init__(self, workers: int | None = None) -> None:
@@ -231,10 +244,6 @@ class ProcessExecutor:
                 self.close()
             yield futures[future], outcome
 
-    def map(self, fn: Callable[[Any], Any], items: Iterable[WorkItem]) -> Iterator[Result]:
-        done = dict(self.map_unordered(fn, items))
-        return iter(done[i] for i in sorted(done))
-
     def close(self) -> None:
         pool, self.pool = self.pool, None
         if pool is not None:
@@ -256,7 +265,7 @@ def _ray_run(item: WorkItem, traces: Any) -> list[Verdict]:
     return run_work_item(dataclasses.replace(item, traces=traces))
 
 
-class RayExecutor:
+class RayExecutor(_Unordered):
     """Items as Ray tasks (``--executor ray[:ADDRESS]``); traces go to the object store once
     per target. Connects to ADDRESS, else uses Ray if this process already started it, else
     starts a local instance with :data:`RAY_LOCAL_CPUS` CPUs (shut down at the end)."""
@@ -304,10 +313,6 @@ class RayExecutor:
             done, _ = ray.wait(list(pending), num_returns=1)
             for task in done:
                 yield pending.pop(task), _outcome(lambda task=task: ray.get(task))
-
-    def map(self, fn: Callable[[Any], Any], items: Iterable[WorkItem]) -> Iterator[Result]:
-        done = dict(self.map_unordered(fn, items))
-        return iter(done[i] for i in sorted(done))
 
     def close(self) -> None:
         self.stored.clear()
