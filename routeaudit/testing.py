@@ -360,21 +360,13 @@ def _target(traces: TracesLike, name: str | None) -> tuple[str, list[TraceSet] |
 
 def _run_one_target(config: Any, label: str, sets: list[TraceSet] | None,
                     modules: dict[str, Any]) -> list[Verdict]:
-    """``run_session`` up to the report, for one target: the same calls, in the same order
-    (summaries and calibrators registered, target loaded, ``routeaudit_traces_ready``,
-    audits collected, ``run_audits``), with in-memory traces allowed."""
-    from routeaudit.session.runner import collect_audits, hooks, prepare_session, run_audits
-    from routeaudit.session.targets import Target, load_target
+    """``run_session`` up to the report, for one target (in-memory traces allowed): the
+    same ``load_targets`` and ``audit_targets``."""
+    from routeaudit.session.runner import audit_targets, load_targets
+    from routeaudit.session.targets import Target
 
-    cli_calibrator = prepare_session(config)
-    target = load_target(label, config, modules) if sets is None else Target(label, sets)
-    for traces in target.traces:
-        hooks(config).call("routeaudit_traces_ready", config=config, traces=traces)
-    wanted = config.options.calibrator
-    if wanted and cli_calibrator is None and (target.calibrator is None
-                                              or target.calibrator.name != wanted):
-        raise UsageError(f"--calibrator {wanted!r}: not registered and not module:factory")
-    return run_audits(config, target, collect_audits(config))
+    given: str | Target = label if sets is None else Target(label, sets)
+    return audit_targets(config, load_targets(config, [given], modules))
 
 
 def _report(config: Any, label: str, verdicts: list[Verdict], began: float) -> Report:

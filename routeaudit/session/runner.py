@@ -405,11 +405,21 @@ def prepare_session(config: Config) -> Any:
 def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> Report:
     """Load every target, run the battery, build the report and hand it to the reporters."""
     started = time.perf_counter()
+    verdicts = audit_targets(config, load_targets(config, targets, modules))
+    report = build_report(config, targets, verdicts, started)
+    render(config, report)
+    return report
+
+
+def load_targets(config: Config, targets: Sequence[str | Target],
+                 modules: dict[str, Any]) -> list[Target]:
+    """Register summaries and calibrators, load each target (paths; a ready ``Target`` is
+    taken as it is), call ``routeaudit_traces_ready``, and check ``--calibrator`` names one."""
     caller = hooks(config)
     cli_calibrator = prepare_session(config)
     loaded = []
-    for path in targets:
-        target = load_target(path, config, modules)
+    for given in targets:
+        target = given if isinstance(given, Target) else load_target(given, config, modules)
         for traces in target.traces:
             caller.call("routeaudit_traces_ready", config=config, traces=traces)
         loaded.append(target)
@@ -419,6 +429,12 @@ def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> 
         known = sorted(n for n in config.calibrators if n != "__cli__")
         raise UsageError(f"--calibrator {wanted!r}: not registered (known: {', '.join(known)}) "
                          "and not module:factory")
+    return loaded
+
+
+def audit_targets(config: Config, loaded: list[Target]) -> list[Verdict]:
+    """Collect the audits once and run them on every loaded target; say so when ``-k`` /
+    ``--audit`` selected nothing."""
     audits = collect_audits(config)
     verdicts: list[Verdict] = []
     selection = Selection(config.options.keyword, config.options.audit)
@@ -427,9 +443,7 @@ def run_session(config: Config, targets: list[str], modules: dict[str, Any]) -> 
     why = selection.nothing_selected()
     if why is not None:  # exit 5 as before, but with the reason rather than "no verdicts"
         _say(why)
-    report = build_report(config, targets, verdicts, started)
-    render(config, report)
-    return report
+    return verdicts
 
 
 def build_report(config: Config, targets: list[str], verdicts: list[Verdict],
