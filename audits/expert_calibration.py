@@ -74,7 +74,7 @@ import routeaudit.optiontypes as optiontypes
 from routeaudit.audit import AuditContext, BaseAudit, SeedData, experts_missing, seeds_for
 from routeaudit.hookspecs import hookimpl
 from routeaudit.stats import holm
-from routeaudit.stats.bootstrap import resampling_counts
+from routeaudit.stats.bootstrap import Resampler, group_units
 from routeaudit.stats.evidence import Evidence, p_text, pool_seeds, scale_text
 from routeaudit.stats.folded import FOLD_AT_ZERO as _FOLD
 from routeaudit.stats.folded import boundary_mean, fold_inverse, fold_mean
@@ -249,11 +249,8 @@ class Data:
 
 
 def _units(seed: SeedData) -> tuple[np.ndarray, int]:
-    groups = seed.groups("eval")
-    if groups is None:
-        return np.arange(seed.eval_index.size), int(seed.eval_index.size)
-    _, unit = np.unique(groups, return_inverse=True)
-    return unit, int(unit.max()) + 1
+    unit, n_units = group_units(seed.groups("eval"), int(seed.eval_index.size))
+    return (np.arange(n_units) if unit is None else unit), n_units
 
 
 def _bins(conf: np.ndarray) -> np.ndarray:
@@ -321,9 +318,10 @@ def estimate_seed(d: Data, claims: list[str], opts: Options, rng: np.random.Gene
     observed = np.asarray(design_t.sum(axis=1)).reshape(1, -1)
     reps = np.empty((opts.n_boot, design_t.shape[0]))
     chunk = max(1, _CHUNK // max(n_units, 1))
+    resampler = Resampler.draw(rng, n_units)
     for r0 in range(0, opts.n_boot, chunk):  # chunks of replicates, one product each
         rows = min(chunk, opts.n_boot - r0)
-        counts = np.ascontiguousarray(resampling_counts(rng, rows, n_units).T, dtype=np.float64)
+        counts = np.ascontiguousarray(resampler.counts(r0, rows).T, dtype=np.float64)
         reps[r0:r0 + rows] = (design_t @ counts).T
     load = np.asarray(mass.sum(axis=0)).reshape(-1) / max(index.size, 1)
 

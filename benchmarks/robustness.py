@@ -116,7 +116,7 @@ def _mutate_array(draw, name: str, value: np.ndarray) -> np.ndarray | object:
     if how == "extra_dim":
         return v[..., None]
     if how == "drop_dim":
-        return v.reshape(-1) if v.ndim > 1 else v[:0]
+        return v.reshape(-1) if v.ndim > 1 else v.reshape(-1)[:0]  # 0-d or 1-d: empty
     if how == "truncate":
         return v[: draw(st.integers(0, max(len(v) - 1, 0)))] if v.ndim else v
     if how == "empty":

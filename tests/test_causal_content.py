@@ -14,6 +14,7 @@ from routeaudit.audits.causal_ablation import depth_bands, per_example_nll, slic
 from routeaudit.cli import main
 from routeaudit.fixtures.synthetic import make_traces
 from routeaudit.stats import cluster_bootstrap_mean, rng_for
+from routeaudit.stats.bootstrap import Resampler
 from routeaudit.summaries import content_independent, layer_tv, schedule_deviation
 
 
@@ -50,9 +51,8 @@ def test_cluster_bootstrap_mean_matches_explicit_group_resampling():
     mean, (lo, hi), reps = cluster_bootstrap_mean(values, n_boot=4, groups=groups,
                                                   rng=rng_for("c", 0), level=0.9)
     assert mean == pytest.approx(values.mean())
-    gen = rng_for("c", 0)
-    for k in range(4):
-        pick = np.minimum((gen.random(12) * 12).astype(int), 11)
+    picks = Resampler.draw(rng_for("c", 0), 12).picks(0, 4)  # group ids are 0..11, sorted
+    for k, pick in enumerate(picks):
         chosen = np.concatenate([values[groups == g] for g in pick])
         assert reps[k] == pytest.approx(chosen.mean(), abs=1e-12)
     assert lo <= hi

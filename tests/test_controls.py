@@ -18,6 +18,7 @@ from routeaudit.stats import (
     paired_gain,
     rng_for,
 )
+from routeaudit.stats.bootstrap import Resampler
 from routeaudit.summaries import FeatureCache, default_registry
 
 
@@ -132,9 +133,7 @@ def test_bootstrap_kernel_observed_equals_metric_and_explicit_resampling():
         assert observed[j] == pytest.approx(metrics.worst_tile_ece(preds[j], correct, summary),
                                             abs=1e-12)
     # replicate k is the ECE of the k-th multinomial resample, shared by both probes
-    gen = rng_for("t", 1)
-    for k in range(5):
-        idx = np.minimum((gen.random(n) * n).astype(np.int64), n - 1)
+    for k, idx in enumerate(Resampler.draw(rng_for("t", 1), n).picks(0, 5)):
         for j in range(2):
             per_tile = []
             for t in range(3):

@@ -16,7 +16,7 @@ from routeaudit.cli import main
 from routeaudit.metrics import confidence_and_correct, ece
 from routeaudit.simulation.cases import generate as generate_depth
 from routeaudit.simulation.experts import generate_moe, moe_truth
-from routeaudit.stats.bootstrap import resampling_counts
+from routeaudit.stats.bootstrap import Resampler, group_units, resampling_counts
 from routeaudit.stats.folded import boundary_mean, fold_inverse, fold_mean
 from routeaudit.stats.rates import bound, rate_text
 from routeaudit.traces import TraceSet
@@ -172,7 +172,8 @@ def test_bootstrap_matches_a_slow_loop_over_resamples():
     got = estimate_seed(data, ["experts", "aggregate"], opts, np.random.default_rng(5))
     groups = seed.groups("eval")
     assert groups is not None
-    counts = resampling_counts(np.random.default_rng(5), 30, conf.size, groups)
+    unit, n_units = group_units(groups, conf.size)  # the same draws as the audit's
+    counts = resampling_counts(Resampler.draw(np.random.default_rng(5), n_units), 0, 30, unit)
     reps = [ece(np.repeat(conf, k), np.repeat(correct, k)) for k in counts]
     agg = got["aggregate"][0][0]
     assert agg.upper == pytest.approx(ece(conf, correct), abs=1e-12)

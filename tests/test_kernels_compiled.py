@@ -27,7 +27,7 @@ from routeaudit.stats import (
     quantile_strata,
     within_bin_permutation_test,
 )
-from routeaudit.stats.bootstrap import resampling_counts
+from routeaudit.stats.bootstrap import Resampler, group_units, resampling_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason="numba is not importable")
@@ -187,7 +187,12 @@ def test_compiled_bootstrap_is_the_numpy_path_and_resamples_examples(monkeypatch
     monkeypatch.setattr(_kernels, "USE_NUMBA", False)
     lo_np, hi_np, reps_np = bootstrap_gap(bins, strata, res, **kw)
     assert np.array_equal(reps_np, reps, equal_nan=True) and (lo, hi) == (lo_np, hi_np)
-    counts = resampling_counts(np.random.default_rng(4), 120, 900, groups)  # the same draws
+    # the same draws: units are the groups, or the examples in (bin, stratum) cell order
+    unit, n_units = group_units(groups, 900)
+    if unit is None:
+        unit = np.empty(900, dtype=np.int64)
+        unit[np.argsort(bins * 3 + strata, kind="stable")] = np.arange(900)
+    counts = resampling_counts(Resampler.draw(np.random.default_rng(4), n_units), 0, 120, unit)
     for k in (0, 57, 119):  # a replicate is the gap of the resampled examples
         take = np.repeat(np.arange(900), counts[k])
         want = gap_statistics(bins[take], strata[take], res[take], n_bins=6, n_strata=3).weighted_gap

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from benchmarks.robustness import CASES, check_case
 
 
-@settings(max_examples=250, deadline=None, database=None,
+@settings(max_examples=250, deadline=None, database=None, derandomize=True,
           suppress_health_check=list(HealthCheck))
 @given(CASES)
 def test_generated_bad_input_never_crashes(case):

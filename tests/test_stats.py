@@ -22,7 +22,6 @@ from routeaudit.stats import (
     bootstrap_gap,
     confidence_bins,
     gap_statistics,
-    gaps,
     holm,
     quantile_strata,
     rng_for,
@@ -31,6 +30,7 @@ from routeaudit.stats import (
     within_bin_permutation_test,
     within_bin_strata,
 )
+from routeaudit.stats.bootstrap import Resampler
 
 # --------------------------------------------------------------------------- helpers
 
@@ -295,46 +295,17 @@ def test_gap_statistics_invariances(seed, shift, min_count):
     np.testing.assert_allclose(renamed.bin_gaps[relabel], base.bin_gaps, rtol=1e-9, atol=1e-12)
 
 
-def test_batched_kernel_matches_gap_statistics():
-    gen = np.random.default_rng(7)
-    n, n_bins = 300, 6
-    bins = gen.integers(0, n_bins, n)
-    res = gen.random(n) - 0.5
-    labels = gen.integers(0, 3, (20, n))
-    wg, mg = gaps.batched_weighted_gap(bins, labels, res, n_bins=n_bins, n_strata=3, min_count=4)
-    for k in range(20):
-        g = gap_statistics(bins, labels[k], res, n_bins=n_bins, n_strata=3, min_count=4)
-        assert wg[k].item() == pytest.approx(g.weighted_gap, rel=1e-12)
-        assert mg[k].item() == pytest.approx(g.max_gap, rel=1e-12)
-    # integer example weights are the same as repeating examples
-    w = gen.integers(0, 3, (5, n))
-    wg, _ = gaps.batched_weighted_gap(
-        bins, labels[0], res, n_bins=n_bins, n_strata=3, min_count=4, weights=w
-    )
-    for k in range(5):
-        rep = np.repeat(np.arange(n), w[k])
-        g = gap_statistics(
-            bins[rep], labels[0][rep], res[rep], n_bins=n_bins, n_strata=3, min_count=4
-        )
-        assert wg[k].item() == pytest.approx(g.weighted_gap, rel=1e-12)
-
-
-
 def test_bootstrap_numpy_kernel_equals_torch_kernel(monkeypatch):
-    """The CPU bootstrap runs numpy (no torch import); its int64 cell sums must be the torch
-    kernel's, so verdicts do not depend on the device."""
+    """The CPU bootstrap (compiled, or numpy without numba) and the torch kernel sum the same
+    integers, so verdicts do not depend on the device."""
     bins, strata, res = make_cells(700, 6, seed=21)
     kw = dict(n_bins=6, n_strata=3, n_boot=150, min_count=5)
-    lo, hi, on_numpy = bootstrap_gap(bins, strata, res, **kw, rng=5)
+    lo, hi, on_cpu = bootstrap_gap(bins, strata, res, **kw, rng=5)
     monkeypatch.setattr(_backend, "_TORCH_ON_CPU", True)
     lo_t, hi_t, on_torch = bootstrap_gap(bins, strata, res, **kw, rng=5, chunk_size=37)
-    assert np.array_equal(on_numpy, on_torch, equal_nan=True)
+    assert np.array_equal(on_cpu, on_torch, equal_nan=True)
     assert (lo, hi) == (lo_t, hi_t)
-    labels = np.random.default_rng(3).integers(0, 3, (9, bins.size))  # row-varying strata
-    got = gaps.batched_weighted_gap(bins, labels, res, n_bins=6, n_strata=3)
-    monkeypatch.setattr(_backend, "_TORCH_ON_CPU", False)
-    want = gaps.batched_weighted_gap(bins, labels, res, n_bins=6, n_strata=3)
-    assert all(np.array_equal(a, b, equal_nan=True) for a, b in zip(got, want, strict=True))
+
 
 # --------------------------------------------------------------------------- permutation null
 
@@ -642,10 +613,10 @@ def test_bootstrap_gap_equals_explicit_resampling():
     bins, strata, res = make_cells(300, 4, seed=21)
     kw = dict(n_bins=4, n_strata=3, min_count=5)
     lo, hi, values = bootstrap_gap(bins, strata, res, **kw, n_boot=60, rng=4, level=0.9)
-    gen = np.random.default_rng(4)
+    # replicate k picks Resampler's units: the examples in (bin, stratum) cell order
+    order = np.argsort(bins * 3 + strata, kind="stable")
     want = []
-    for _ in range(60):  # replicate k: the k-th block of N uniforms picks the examples
-        pick = np.minimum((gen.random(300) * 300).astype(int), 299)
+    for pick in order[Resampler.draw(np.random.default_rng(4), 300).picks(0, 60)]:
         want.append(gap_statistics(bins[pick], strata[pick], res[pick], **kw).weighted_gap)
     np.testing.assert_allclose(values, want, rtol=1e-12, atol=1e-14)
     assert (lo, hi) == bootstrap_ci(values, 0.9)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from routeaudit import TraceSet
 from routeaudit.audit import seeds_for
 from routeaudit.stats import rng_for
-from routeaudit.stats.bootstrap import bootstrap_gap, resampling_counts
+from routeaudit.stats.bootstrap import Resampler, bootstrap_gap, group_units, resampling_counts
 from routeaudit.stats.partitions import stratified_split
 from routeaudit.summaries import default_registry
 
@@ -56,12 +56,17 @@ def test_split_keeps_each_group_in_one_half(seed, n_groups, length):
     assert abs(np.unique(groups[cal]).size - np.unique(groups[ev]).size) <= 10  # ~half each
 
 
+def _counts(seed, rows, n, groups=None):
+    unit, n_units = group_units(groups, n)
+    return resampling_counts(Resampler.draw(np.random.default_rng(seed), n_units), 0, rows, unit)
+
+
 def test_groups_of_one_resample_like_examples():
     n = 500
-    a = resampling_counts(np.random.default_rng(4), 30, n)
-    b = resampling_counts(np.random.default_rng(4), 30, n, groups=np.arange(n)[::-1] + 10)
+    a = _counts(4, 30, n)
+    b = _counts(4, 30, n, groups=np.arange(n)[::-1] + 10)
     assert np.array_equal(b, a[:, ::-1])  # group ids are sorted: example i is group n-1-i
-    counts = resampling_counts(np.random.default_rng(1), 50, 12, groups=np.repeat([5, 1, 9], 4))
+    counts = _counts(1, 50, 12, groups=np.repeat([5, 1, 9], 4))
     assert np.all(counts.reshape(50, 3, 4).min(axis=2) == counts.reshape(50, 3, 4).max(axis=2))
     assert np.all(counts.sum(axis=1) == 12)  # 3 groups of 4 drawn 3 times
 

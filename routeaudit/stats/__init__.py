@@ -3,7 +3,7 @@
 =================  ===========================================================================
 ``rng``            reproducible random streams per (audit, cell, seed)
 ``partitions``     confidence bins, routing strata, the calibration/evaluation split
-``gaps``           matched-confidence gap statistics and their exact batched kernel
+``gaps``           matched-confidence gap statistics and their exact fixed-point form
 ``permutation``    the within-confidence-bin permutation test
 ``bootstrap``      bootstrap intervals (gap, paired worst-tile ECE, grouped means, gains)
 ``multitest``      Holm and Benjamini–Hochberg

@@ -1,5 +1,5 @@
 """Kernels of the within-bin permutation null (compiled with numba, numpy and torch: one
-stream) and of the gap bootstrap.
+stream).
 
 Why: the null of :mod:`routeaudit.stats.permutation` needs, per permutation and confidence
 bin, the residual sums of the strata after a uniform random relabelling. Sorting a random
@@ -32,9 +32,8 @@ loop in torch on int64 with unsigned semantics emulated). The statistic from the
 :func:`perm_statistic` / :func:`perm_statistic_numpy`, again bit-identical (sequential over
 bins, no fused multiply-add).
 
-:func:`boot_cell_sums` serves :func:`routeaudit.stats.bootstrap.bootstrap_gap`: exact int64
-cell sums of each bootstrap replicate straight from the generator's uniforms, the numbers of
-the numpy path without its [replicates, examples] weight matrix.
+The bootstrap's kernels (:mod:`routeaudit.stats._bootstrap_kernels`) draw from the same
+counter-based stream.
 
 numba is imported here, and this module is imported lazily by the permutation test, so that
 ``import routeaudit`` stays light; kernels compile on first use and are cached on disk
@@ -65,13 +64,12 @@ __all__ = [
     "LANES",
     "available",
     "bin_exact",
-    "boot_cell_sums",
-    "boot_row_weight",
     "perm_le",
     "perm_le_numpy",
     "perm_le_torch",
     "perm_statistic",
     "perm_statistic_numpy",
+    "threads",
 ]
 
 # SplitMix64: Weyl increment and finaliser multipliers.
@@ -89,8 +87,9 @@ LANES = 64
 USE_NUMBA = os.environ.get("ROUTEAUDIT_NUMBA", "1") != "0"
 
 
-def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``numba.njit(cache=True)``; a plain function when numba is missing.
+def _jit(fn: Callable[..., Any], parallel: bool = False) -> Callable[..., Any]:
+    """``numba.njit(cache=True)``; a plain function when numba is missing. ``parallel``
+    compiles ``numba.prange`` loops for threads (:func:`threads` says how many).
 
     Without a writable cache directory (a read-only install and no ``NUMBA_CACHE_DIR``)
     numba refuses ``cache=True`` when the decorator runs; the kernels are then compiled once
@@ -99,7 +98,7 @@ def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
     if numba is None:
         return fn
     try:
-        return numba.njit(cache=True, nogil=True)(fn)
+        return numba.njit(cache=True, nogil=True, parallel=parallel)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"
         if not _NO_CACHE:
             warnings.warn(
@@ -109,10 +108,23 @@ def _jit(fn: Callable[..., Any]) -> Callable[..., Any]:
                 stacklevel=2,
             )
         _NO_CACHE.append(fn.__name__)
-        return numba.njit(cache=False, nogil=True)(fn)
+        return numba.njit(cache=False, nogil=True, parallel=parallel)(fn)
 
 
 _NO_CACHE: list[str] = []
+
+
+def threads() -> int:
+    """Threads for the parallel kernels: numba's pool, capped by ``OMP_NUM_THREADS`` when set
+    (the one knob the tests, CI and benchmarks pin); set on numba for the calling thread."""
+    if numba is None:
+        return 1
+    n = int(numba.config.NUMBA_NUM_THREADS)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp.isdigit() and int(omp) > 0:
+        n = min(n, int(omp))
+    numba.set_num_threads(n)
+    return n
 
 
 def available() -> bool:
@@ -471,59 +483,3 @@ def perm_statistic_numpy(
         acc = acc + weight[u] * d
         mg = np.maximum(mg, d)
     return acc / total if weighted else mg
-
-
-# --------------------------------------------------------------------------- bootstrap
-
-
-@_jit
-def boot_row_weight(u: np.ndarray, sizes: np.ndarray) -> int:
-    """Largest number of examples any row of uniforms ``u`` [R, G] resamples (G units of
-    ``sizes`` examples each; unit ``min(floor(u * G), G - 1)`` per uniform)."""
-    n_units = sizes.size
-    best = 0
-    for r in range(u.shape[0]):
-        total = 0
-        for j in range(n_units):
-            p = min(np.int64(u[r, j] * n_units), n_units - 1)
-            total += sizes[p]
-        best = max(best, total)
-    return best
-
-
-@_jit
-def boot_cell_sums(
-    u: np.ndarray, starts: np.ndarray, members: np.ndarray, cell: np.ndarray, xq: np.ndarray,
-    grouped: bool, sums: np.ndarray, counts: np.ndarray,
-) -> None:
-    """Exact int64 (cell) sums and counts of bootstrap rows drawn by uniforms ``u`` [R, G].
-
-    Row r resamples unit ``min(floor(u[r, j] * G), G - 1)`` for every j (the multinomial
-    counts of :func:`routeaudit.stats.bootstrap.resampling_counts`, drawn one pick at a
-    time); unit g is example g, or with ``grouped`` the examples
-    ``members[starts[g]:starts[g + 1]]``. Integer sums do not depend on the order, so this is
-    the numpy path's result without its [R, N] weight matrix; four interleaved copies of the
-    row's sums keep consecutive picks of one cell off the same store-to-load chain.
-    """
-    n_units = starts.size - 1
-    n_cells = sums.shape[1]
-    acc = np.zeros(4 * n_cells, np.int64)
-    cnt = np.zeros(4 * n_cells, np.int64)
-    for r in range(u.shape[0]):
-        acc[:] = 0
-        cnt[:] = 0
-        ur = u[r]
-        for j in range(n_units):
-            p = min(np.int64(ur[j] * n_units), n_units - 1)
-            copy = (j & 3) * n_cells
-            if grouped:
-                for k in range(starts[p], starts[p + 1]):
-                    i = members[k]
-                    acc[copy + cell[i]] += xq[i]
-                    cnt[copy + cell[i]] += 1
-            else:
-                acc[copy + cell[p]] += xq[p]
-                cnt[copy + cell[p]] += 1
-        for c in range(n_cells):
-            sums[r, c] = acc[c] + acc[n_cells + c] + acc[2 * n_cells + c] + acc[3 * n_cells + c]
-            counts[r, c] = cnt[c] + cnt[n_cells + c] + cnt[2 * n_cells + c] + cnt[3 * n_cells + c]

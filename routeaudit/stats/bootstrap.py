@@ -2,29 +2,33 @@
 mean over resampled groups, and the paired gain between two probes (docs/methods.md §2.4,
 §2.7, §3.4).
 
-Every replicate is a row of multinomial resampling counts; replicate k uses the k-th block
-of uniforms from the generator, so results do not depend on the chunk size. Replicates are
-processed in chunks, each fully vectorised: no Python loop over replicates or bins. The gap
-bootstrap sums its cells with a compiled kernel (numba) when it can, with the same numbers.
+Every replicate is a row of multinomial resampling counts from a :class:`Resampler`:
+replicate k is a function of two keys drawn from the caller's generator and of k, so results
+do not depend on the chunk size or the device. The gap and group-mean bootstraps sum their
+data in exact integers with a compiled kernel (numba; numpy and torch give the same bits):
+counts first, then one ordered pass over the data, no [replicates, examples] matrix.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 
 import routeaudit.stats._backend as _backend
 from routeaudit.metrics import bin_indices
 from routeaudit.stats._backend import DeviceLike
-from routeaudit.stats.gaps import batched_weighted_gap, check_cells, gap_from_cells, quantise, scale_exponent
+from routeaudit.stats.gaps import check_cells, gap_from_cells, quantise, scale_exponent
 from routeaudit.stats.rng import as_generator
 
 __all__ = [
+    "Resampler",
     "bootstrap_ci",
     "bootstrap_gap",
     "bootstrap_worst_tile_ece",
     "cluster_bootstrap_mean",
+    "group_units",
     "paired_gain",
     "resampling_counts",
 ]
@@ -42,25 +46,103 @@ def bootstrap_ci(samples: np.ndarray, level: float = 0.95) -> tuple[float, float
     return float(lo), float(hi)
 
 
-def _multinomial_counts(gen: np.random.Generator, rows: int, n: int) -> np.ndarray:
-    """Bootstrap resampling counts [rows, n]: row k takes the k-th block of n uniforms."""
-    pick = np.minimum((gen.random((rows, n)) * n).astype(np.int64), n - 1)
-    pick += (np.arange(rows, dtype=np.int64) * n)[:, None]
-    return np.bincount(pick.reshape(-1), minlength=rows * n).reshape(rows, n)
+@dataclass(frozen=True)
+class Resampler:
+    """Who every bootstrap replicate picks: ``n_units`` units drawn with replacement.
+
+    Replicate k is a function of two 64-bit keys (drawn once from the caller's generator)
+    and k only (:mod:`routeaudit.stats._bootstrap_kernels`), so replicates do not depend on
+    the chunk size, the device or whether the compiled (numba), numpy or torch code runs.
+    A unit is an example, or a group of examples (e.g. a sequence of tokens) resampled whole.
+    """
+
+    key: int
+    key2: int
+    n_units: int
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator | int, n_units: int) -> Resampler:
+        """Keys from ``rng`` (which advances by exactly two words)."""
+        _bk, _ = _compiled()
+        if not 0 < int(n_units) <= 1 << _bk.DRAW_BITS:
+            raise ValueError(f"the bootstrap resamples 1 .. 2**{_bk.DRAW_BITS} units, not {n_units}")
+        key, key2 = (int(w) for w in as_generator(rng).bit_generator.random_raw(2))
+        return cls(key, key2, int(n_units))
+
+    def picks(self, row0: int, rows: int) -> np.ndarray:
+        """The units replicates ``row0 .. row0 + rows - 1`` pick, in draw order: [rows, n_units]."""
+        _bk, _ = _compiled()
+        return _bk.picks_numpy(self.key, self.key2, row0, rows, self.n_units, _bk.DRAW_BITS)
+
+    def counts(self, row0: int, rows: int) -> np.ndarray:
+        """How often each replicate picks each unit: int64 [rows, n_units]."""
+        _bk, _kernels = _compiled()
+        if _kernels.available():
+            out = np.empty((rows, self.n_units), dtype=np.int64)
+            _bk.counts(np.uint64(self.key), np.uint64(self.key2), row0, rows, self.n_units,
+                       _bk.DRAW_BITS, out)
+            return out
+        return _bk.counts_numpy(self.key, self.key2, row0, rows, self.n_units, _bk.DRAW_BITS)
+
+    def segment_sums(self, row0: int, rows: int, unit: np.ndarray, values: np.ndarray,
+                     weight: np.ndarray, starts: np.ndarray, device: DeviceLike = None
+                     ) -> tuple[np.ndarray, np.ndarray]:
+        """Per replicate and segment, Σ count × ``values`` and Σ count × ``weight`` (exact
+        int64; ``weight`` empty: all 1). Position k of ``values`` belongs to unit ``unit[k]``
+        (unit k when ``unit`` is empty); segment s is positions ``starts[s] .. starts[s + 1]
+        - 1`` (none empty)."""
+        _bk, _kernels = _compiled()
+        args = (row0, rows, self.n_units, unit, values, weight, starts)
+        dev = _backend.torch_device(device)
+        if dev is not None:
+            return _bk.segment_sums_torch(self.key, self.key2, *args, dev, _bk.DRAW_BITS)
+        if not _kernels.available():
+            return _bk.segment_sums_numpy(self.key, self.key2, *args, _bk.DRAW_BITS)
+        sums = np.empty((rows, starts.size - 1), dtype=np.int64)
+        counts = np.empty_like(sums)
+        _bk.segment_sums(np.uint64(self.key), np.uint64(self.key2), *args, _bk.DRAW_BITS,
+                         _bk.BYTE_CAP, min(_kernels.threads(), rows), sums, counts)
+        return sums, counts
 
 
-def resampling_counts(gen: np.random.Generator, rows: int, n: int,
-                      groups: np.ndarray | None = None) -> np.ndarray:
-    """Bootstrap weights [rows, n] of n examples: multinomial counts over examples, or with
-    ``groups`` over whole groups (each example weighted by its group's count), so tokens of
-    one sequence are resampled together. Without groups this is exactly the per-example
-    draw of earlier releases."""
+_NO_WEIGHT = np.empty(0, dtype=np.int64)  # every position weighs 1
+_IDENTITY = np.empty(0, dtype=np.int64)  # position k is unit k
+
+
+def _compiled() -> tuple[ModuleType, ModuleType]:
+    """The kernel modules, imported on first use so that ``import routeaudit`` does not load
+    numba."""
+    import routeaudit.stats._bootstrap_kernels as bootstrap_kernels
+    import routeaudit.stats._kernels as kernels
+
+    return bootstrap_kernels, kernels
+
+
+def _replicate_chunk(n: int, device: DeviceLike) -> int:
+    """Replicates per call of the segment sums: the compiled kernel holds one count array per
+    thread (any number of rows); numpy and torch hold [rows, n] arrays (bounded)."""
+    if _compiled()[1].available() and _backend.torch_device(device) is None:
+        return 4096
+    return max(1, _backend.CHUNK_KEYS // max(n, 1))
+
+
+def group_units(groups: np.ndarray | None, n: int) -> tuple[np.ndarray | None, int]:
+    """(unit of each example, number of units): each example its own unit without
+    ``groups``, else one unit per distinct group id (ids in sorted order)."""
     if groups is None:
-        return _multinomial_counts(gen, rows, n)
+        return None, n
     _, inverse = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
     if inverse.size != n:
         raise ValueError(f"groups has {inverse.size} entries for {n} examples")
-    return _multinomial_counts(gen, rows, int(inverse.max()) + 1)[:, inverse]
+    return inverse.astype(np.int64), int(inverse.max()) + 1 if n else 0
+
+
+def resampling_counts(resampler: Resampler, row0: int, rows: int,
+                      unit: np.ndarray | None = None) -> np.ndarray:
+    """Bootstrap weights [rows, n] of n examples: how often replicate row0 + r picks each
+    example, or with ``unit`` (from :func:`group_units`) each example's group."""
+    counts = resampler.counts(row0, rows)
+    return counts if unit is None else counts[:, unit]
 
 
 def bootstrap_gap(
@@ -79,84 +161,52 @@ def bootstrap_gap(
     groups: np.ndarray | None = None,
 ) -> tuple[float, float, np.ndarray]:
     """Percentile bootstrap CI of the weighted gap, resampling examples with replacement
-    (whole ``groups``, e.g. sequences, when given: :func:`resampling_counts`).
+    (whole ``groups``, e.g. sequences, when given).
 
-    Each replicate is a row of multinomial counts over the N examples; the bin and stratum of
-    every example stay as they are (the partition is fixed, as in the audit), and the gap is
-    recomputed from count-weighted cell sums, so supports and weights are re-evaluated per
-    replicate. Replicate k uses the k-th block of N uniforms from ``rng``, so the result does
-    not depend on ``chunk_size``. Returns (low, high, replicate values).
+    Replicate k picks the units :meth:`Resampler.picks` gives: the groups (ids in sorted
+    order), or without groups the examples in the order of their (bin, stratum) cell, ties
+    by position (a fixed relabelling that lets the kernel read the data in order); the bin and
+    stratum of every example stay as they are (the partition is fixed, as in the audit), and
+    the gap is recomputed from the resampled cell sums, so supports and weights are
+    re-evaluated per replicate. Cell sums are exact integers (residuals quantised as in
+    :mod:`routeaudit.stats.gaps`), so the result depends on neither ``chunk_size`` nor the
+    device. Returns (low, high, replicate values).
     """
     b, s, x = check_cells(bin_idx, strata, residual, n_bins, n_strata, min_count)
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    gen = as_generator(rng)
     n = b.size
     values = np.full(int(n_boot), np.nan)
     if n == 0:
         return (np.nan, np.nan, values)
-    chunk = int(chunk_size) if chunk_size else max(1, _backend.CHUNK_KEYS // n)
-    compiled = _compiled_gap_replicates(b, s, x, n_bins, n_strata, min_count, groups, device)
-    for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each vectorised
+    unit_of, n_units = group_units(groups, n)
+    resampler = Resampler.draw(rng, n_units)
+    # most examples a replicate can hold: n, or n_units times the largest group
+    n_terms = n if unit_of is None else n_units * int(np.bincount(unit_of).max())
+    exponent = scale_exponent(x, n_terms)
+    cell = b * n_strata + s
+    order = np.argsort(cell, kind="stable")  # segments: the cells, in order
+    present, first = np.unique(cell[order], return_index=True)
+    starts = np.append(first, n).astype(np.int64)
+    # unit of each position: without groups the units are the examples in cell order (a
+    # fixed relabelling, so the data are read in order); with groups, each example's group
+    unit = _IDENTITY if unit_of is None else unit_of[order]
+    xq = quantise(x, exponent)[order]
+    n_cells = n_bins * n_strata
+    chunk = int(chunk_size) if chunk_size else _replicate_chunk(n, device)
+    for row0 in range(0, int(n_boot), chunk):  # chunks of replicates
         rows = min(chunk, int(n_boot) - row0)
-        if compiled is not None:
-            values[row0 : row0 + rows] = compiled(gen, rows)
-            continue
-        counts = resampling_counts(gen, rows, n, groups)
-        wg, _ = batched_weighted_gap(
-            b,
-            s,
-            x,
-            n_bins=n_bins,
-            n_strata=n_strata,
-            min_count=min_count,
-            weights=counts,
-            device=device,
-        )
+        seg_sums, seg_counts = resampler.segment_sums(row0, rows, unit, xq, _NO_WEIGHT, starts,
+                                                       device)
+        sums = np.zeros((rows, n_cells))
+        counts = np.zeros((rows, n_cells), dtype=np.int64)
+        sums[:, present] = np.ldexp(seg_sums.astype(np.float64), -exponent)
+        counts[:, present] = seg_counts
+        wg, _, _, _ = gap_from_cells(sums.reshape(rows, n_bins, n_strata),
+                                     counts.reshape(rows, n_bins, n_strata), min_count)
         values[row0 : row0 + rows] = wg
     lo, hi = bootstrap_ci(values, level)
     return lo, hi, values
-
-
-def _compiled_gap_replicates(
-    b: np.ndarray, s: np.ndarray, x: np.ndarray, n_bins: int, n_strata: int, min_count: int,
-    groups: np.ndarray | None, device: DeviceLike,
-) -> Callable[[np.random.Generator, int], np.ndarray] | None:
-    """The weighted gap of the next ``rows`` replicates with the compiled kernel (numba), or
-    None (no numba, or a GPU device). It consumes the generator exactly as
-    :func:`resampling_counts` does and sums the same integers, so the values are those of the
-    numpy path, bit for bit."""
-    import routeaudit.stats._kernels as _kernels
-
-    if _backend.torch_device(device) is not None or not _kernels.available():
-        return None
-    n = b.size
-    if groups is None:
-        members = np.arange(n, dtype=np.int64)
-        starts = np.arange(n + 1, dtype=np.int64)
-    else:
-        _, inverse = np.unique(np.asarray(groups).reshape(-1), return_inverse=True)
-        if inverse.size != n:
-            raise ValueError(f"groups has {inverse.size} entries for {n} examples")
-        members = np.argsort(inverse, kind="stable").astype(np.int64)
-        starts = np.concatenate([[0], np.cumsum(np.bincount(inverse))]).astype(np.int64)
-    sizes = np.diff(starts)
-    cell = (b * n_strata + s).astype(np.int64)
-    n_cells = n_bins * n_strata
-
-    def replicates(gen: np.random.Generator, rows: int) -> np.ndarray:
-        u = gen.random((rows, sizes.size))  # the uniforms of _multinomial_counts
-        n_terms = n if groups is None else int(_kernels.boot_row_weight(u, sizes))
-        exponent = scale_exponent(x, n_terms)  # as batched_weighted_gap picks it for the chunk
-        sums = np.empty((rows, n_cells), dtype=np.int64)
-        counts = np.empty((rows, n_cells), dtype=np.int64)
-        _kernels.boot_cell_sums(u, starts, members, cell, quantise(x, exponent), groups is not None,
-                                sums, counts)
-        real = np.ldexp(sums.astype(np.float64), -exponent).reshape(rows, n_bins, n_strata)
-        wg, _, _, _ = gap_from_cells(real, counts.reshape(rows, n_bins, n_strata), min_count)
-        return np.asarray(wg, dtype=np.float64)
-
-    return replicates
 
 
 def bootstrap_worst_tile_ece(
@@ -196,7 +246,8 @@ def bootstrap_worst_tile_ece(
         raise ValueError(f"tiles out of range [0, {n_tiles})")
     if int(n_boot) < 1:
         raise ValueError(f"n_boot must be >= 1, got {n_boot}")
-    gen = as_generator(rng)
+    unit_of, n_units = group_units(groups, n)
+    resampler = Resampler.draw(rng, n_units)
     cells = n_tiles * n_bins
     cell = np.stack([t * n_bins + bin_indices(np.clip(row, 0.0, 1.0), n_bins) for row in p])
     residual = p - y[None, :]
@@ -223,7 +274,8 @@ def bootstrap_worst_tile_ece(
     reps = np.empty((int(n_boot), m))
     for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each vectorised
         rows = min(chunk, int(n_boot) - row0)
-        reps[row0 : row0 + rows] = worst(resampling_counts(gen, rows, n, groups).astype(np.float64))
+        reps[row0 : row0 + rows] = worst(
+            resampling_counts(resampler, row0, rows, unit_of).astype(np.float64))
     return observed, reps
 
 
@@ -248,23 +300,22 @@ def cluster_bootstrap_mean(
         raise ValueError("no values")
     if not np.isfinite(v).all():
         raise ValueError("values contain NaN or inf")
-    if groups is None:
-        sums, sizes = v, np.ones_like(v)
+    unit_of, n_units = group_units(groups, v.size)
+    if unit_of is None:
+        sums, sizes = v, _NO_WEIGHT  # every unit one example
     else:
-        g = np.asarray(groups).reshape(-1)
-        if g.size != v.size:
-            raise ValueError(f"groups has {g.size} entries for {v.size} values")
-        _, inverse = np.unique(g, return_inverse=True)
-        sums = np.bincount(inverse, weights=v)
-        sizes = np.bincount(inverse).astype(np.float64)
-    gen = as_generator(rng)
-    n = sums.size
+        sums = np.bincount(unit_of, weights=v, minlength=n_units)
+        sizes = np.bincount(unit_of, minlength=n_units).astype(np.int64)
+    resampler = Resampler.draw(rng, n_units)
+    exponent = scale_exponent(sums, n_units)  # a replicate adds n_units group sums
+    sq = quantise(sums, exponent)
+    whole = np.array([0, n_units], dtype=np.int64)  # one segment: every unit
     reps = np.empty(int(n_boot))
-    chunk = max(1, _backend.CHUNK_KEYS // n)
-    for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each one matmul
+    chunk = _replicate_chunk(n_units, None)
+    for row0 in range(0, int(n_boot), chunk):  # chunks of replicates
         rows = min(chunk, int(n_boot) - row0)
-        w = _multinomial_counts(gen, rows, n).astype(np.float64)
-        reps[row0 : row0 + rows] = (w @ sums) / (w @ sizes)
+        total, size = resampler.segment_sums(row0, rows, _IDENTITY, sq, sizes, whole)
+        reps[row0 : row0 + rows] = np.ldexp(total[:, 0].astype(np.float64), -exponent) / size[:, 0]
     return float(v.mean()), bootstrap_ci(reps, level), reps
 
 

@@ -1,13 +1,13 @@
-"""Matched-confidence gap statistics (docs/methods.md §2.4) and their exact batched kernel.
+"""Matched-confidence gap statistics (docs/methods.md §2.4) and their exact fixed-point form.
 
 ``gap_statistics`` computes the weighted and max gap of one labelling in float64. The
 permutation null and the bootstrap need the same statistic for thousands of labellings or
-weightings at once; they quantise the residuals once to fixed point, ``round(x * 2**K)``
-with ``K`` as large as int64 allows for the sample (resolution about
-``max|x| * N * 2**-62``, i.e. 4e-15 for N = 1e4), and sum cells in int64. Integer addition is
-associative, so every replicate's statistic is bit-identical whatever the chunk size,
-summation order or device, and the observed statistic goes through the same arithmetic as
-its null copies. The two paths agree to ~1e-14.
+weightings at once; they quantise the residuals once to fixed point (:func:`quantise`,
+``round(x * 2**K)`` with ``K`` from :func:`scale_exponent` as large as int64 allows for the
+sample: resolution about ``max|x| * N * 2**-62``, i.e. 4e-15 for N = 1e4), sum cells in int64
+and turn the sums into gaps with :func:`gap_from_cells`. Integer addition is associative, so
+every replicate's statistic is bit-identical whatever the chunk size, summation order or
+device. The two paths agree to ~1e-14.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from routeaudit.stats._backend import DeviceLike, torch_device
 
 __all__ = ["GapResult", "gap_statistics", "stratum_reliability"]
 
@@ -149,7 +147,7 @@ def stratum_reliability(
             "accuracy": [round(float(v), 6) for v in acc_sum[present] / n]}
 
 
-# --------------------------------------------------------------------------- batched kernel
+# --------------------------------------------------------------------------- fixed point
 
 
 def scale_exponent(x: np.ndarray, n: int) -> int:
@@ -162,114 +160,3 @@ def scale_exponent(x: np.ndarray, n: int) -> int:
 
 def quantise(x: np.ndarray, exponent: int) -> np.ndarray:
     return np.rint(np.ldexp(x, exponent)).astype(np.int64)
-
-
-def _cell_sums_numpy(
-    bin_idx: np.ndarray,
-    strata: np.ndarray,
-    values: np.ndarray,
-    weights: np.ndarray | None,
-    n_bins: int,
-    n_strata: int,
-    shared: bool,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row exact int64 (bin, stratum) sums and counts, numpy only.
-
-    With one labelling shared by every row (the bootstrap) the examples are sorted by cell
-    once and each row is one ``np.add.reduceat`` over the sorted weights: exact integer
-    sums, no scatter. Row-varying labellings use an unbuffered ``np.add.at`` on the combined
-    (row, cell) index, exact too.
-    """
-    rows = strata.shape[0]
-    n_cells = n_bins * n_strata
-    if shared:
-        cell = bin_idx * n_strata + strata[0]
-        order = np.argsort(cell, kind="stable")
-        sorted_cell = cell[order]
-        present, starts = np.unique(sorted_cell, return_index=True)
-        w = np.ones((rows, cell.size), dtype=np.int64) if weights is None else weights[:, order]
-        wx = w * values[order][None, :]
-        sums = np.zeros((rows, n_cells), dtype=np.int64)
-        counts = np.zeros((rows, n_cells), dtype=np.int64)
-        if present.size:
-            sums[:, present] = np.add.reduceat(wx, starts, axis=1)
-            counts[:, present] = np.add.reduceat(w, starts, axis=1)
-        return sums.reshape(rows, n_bins, n_strata), counts.reshape(rows, n_bins, n_strata)
-    cell = np.broadcast_to(bin_idx, strata.shape) * n_strata + strata
-    index = (np.arange(rows)[:, None] * n_cells + cell).reshape(-1)
-    w = np.ones(strata.shape, dtype=np.int64) if weights is None else weights
-    sums = np.zeros(rows * n_cells, dtype=np.int64)
-    counts = np.zeros(rows * n_cells, dtype=np.int64)
-    np.add.at(sums, index, (w * np.broadcast_to(values, strata.shape)).reshape(-1))
-    np.add.at(counts, index, w.reshape(-1))
-    return sums.reshape(rows, n_bins, n_strata), counts.reshape(rows, n_bins, n_strata)
-
-
-def _cell_sums_torch(
-    bin_idx: np.ndarray,
-    strata: np.ndarray,
-    values: np.ndarray,
-    weights: np.ndarray | None,
-    n_bins: int,
-    n_strata: int,
-    device: object,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_cell_sums_numpy` on a torch device: one scatter_add on the combined index."""
-    import torch
-
-    s = torch.as_tensor(np.ascontiguousarray(strata), dtype=torch.int64, device=device)
-    b = torch.as_tensor(np.ascontiguousarray(bin_idx), dtype=torch.int64, device=device)
-    v = torch.as_tensor(np.ascontiguousarray(values), dtype=torch.int64, device=device)
-    rows = s.shape[0]
-    n_cells = n_bins * n_strata
-    offset = torch.arange(rows, device=device).unsqueeze(1) * n_cells
-    index = (offset + b * n_strata + s).reshape(-1)
-    v = v.expand_as(s)
-    ones = torch.ones_like(s)
-    if weights is not None:
-        ones = torch.as_tensor(weights, dtype=torch.int64, device=device)
-        v = v * ones
-    sums = torch.zeros(rows * n_cells, dtype=torch.int64, device=device)
-    counts = torch.zeros(rows * n_cells, dtype=torch.int64, device=device)
-    sums.scatter_add_(0, index, v.reshape(-1))
-    counts.scatter_add_(0, index, ones.reshape(-1))
-    return (sums.view(rows, n_bins, n_strata).cpu().numpy(),
-            counts.view(rows, n_bins, n_strata).cpu().numpy())
-
-
-def batched_weighted_gap(
-    bin_idx: np.ndarray,
-    strata: np.ndarray,
-    residual: np.ndarray,
-    *,
-    n_bins: int,
-    n_strata: int,
-    min_count: int = 5,
-    weights: np.ndarray | None = None,
-    device: DeviceLike = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """WG and MG of B labellings or weightings at once (float64 arrays [B], NaN: no used bin).
-
-    ``strata`` is [B, N] or [N] (one labelling shared by every row, e.g. the bootstrap's
-    fixed strata); ``bin_idx`` and ``residual`` are [N] or [B, N]; ``weights`` (multinomial
-    bootstrap counts) is [B, N] or None. Residuals are quantised to int64 first so the cell
-    sums are exact and order-free; they run in numpy on CPU and in torch on a GPU ``device``.
-    """
-    w = None if weights is None else np.asarray(weights, dtype=np.int64)
-    s = np.asarray(strata, dtype=np.int64)
-    shared = s.ndim == 1 and np.ndim(bin_idx) == 1
-    if s.ndim == 1:
-        s = np.broadcast_to(s[None], (1 if w is None else w.shape[0], s.size))
-    b = np.asarray(bin_idx, dtype=np.int64)
-    x = np.asarray(residual, dtype=np.float64)
-    n_terms = s.shape[1] if w is None else (int(w.sum(axis=1).max()) if w.size else 0)
-    exponent = scale_exponent(x, n_terms)
-    xq = quantise(x, exponent)
-    dev = torch_device(device)
-    if dev is None:
-        sums, counts = _cell_sums_numpy(b, s, xq, w, n_bins, n_strata, shared)
-    else:
-        sums, counts = _cell_sums_torch(b, s, xq, w, n_bins, n_strata, dev)
-    real = np.ldexp(sums.astype(np.float64), -exponent)
-    wg, mg, _, _ = gap_from_cells(real, counts, min_count)
-    return np.asarray(wg, dtype=np.float64), np.asarray(mg, dtype=np.float64)
