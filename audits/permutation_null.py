@@ -65,6 +65,7 @@ class PermutationNullAudit(BaseAudit):
         s = ctx.settings
         threshold = {"alpha": s.alpha, "correction": "holm across summaries",
                      "stability": s.stability, "permutations": s.n_permutations,
+                     "sequential_h": s.sequential_h,
                      "margin": s.gap_margin, "interval_level": 1 - 2 * s.alpha}
         per_seed = []
         for seed, row, p, pc in zip(ctx.seeds, rows, raw, corrected, strict=True):

@@ -251,8 +251,11 @@ class AuditSettings:
     """Least examples in a (bin, stratum) cell for it to count (``--min-count``)."""
     stability: str = "all"
     """A claim must hold in ``all`` seeds or a ``majority`` (``--stability``)."""
-    sequential_h: int | None = None
-    """Besag–Clifford early stop after H exceedances (``--sequential-h``; None: off)."""
+    sequential_h: int | None = 20
+    """Besag–Clifford early stop of the permutation test after H exceedances
+    (``--sequential-h``; 0 or None: draw every permutation). A clear non-rejection stops
+    after about H / p draws; the p-value stays valid and the null mean unbiased, with its
+    Monte Carlo error in the excess variance (docs/methods.md §2.5)."""
     tv_min: float = 1e-4
     """Routing whose largest per-layer TV from the mean routing is below this is
     content-independent (``--tv-min``; docs/methods.md §9)."""

@@ -68,8 +68,9 @@ def add_run_options(parser: Parser, *, early: bool = False) -> None:
     st.add_argument("--alpha", type=optiontypes.probability, default=0.05, help="significance level (0.05)")
     st.add_argument("--permutations", type=optiontypes.positive_int, default=999,
                     help="permutations per test (999)")
-    st.add_argument("--sequential-h", type=optiontypes.positive_int, default=None, metavar="H",
-                    help="Besag-Clifford early stop after H exceedances (default off)")
+    st.add_argument("--sequential-h", type=optiontypes.stop_after, default=20, metavar="H",
+                    help="Besag-Clifford early stop of the permutation test after H "
+                         "exceedances (20; 0 draws every permutation)")
     st.add_argument("--bootstrap", type=optiontypes.positive_int, default=1000,
                     help="bootstrap replicates (1000)")
     st.add_argument("--bins", type=optiontypes.positive_int, default=15, help="confidence bins (15)")

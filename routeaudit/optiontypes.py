@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["at_least_one", "non_negative", "positive_int", "positive_number", "probability"]
+__all__ = ["at_least_one", "non_negative", "positive_int", "positive_number", "probability",
+           "stop_after"]
 
 
 def _number(text: str) -> float:
@@ -33,6 +34,20 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer: {text}")
+    return value
+
+
+def stop_after(text: str) -> int:
+    """A sequential-stopping count H: an integer ≥ 2, or 0 for "never stop early" (one
+    type, so ``sequential_h = 0`` in ``[tool.routeaudit]`` turns it off as ``--sequential-h
+    0`` does). H = 1 is refused: a stop at the first draw would leave no draw to estimate the
+    null mean from."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0 or value == 1:
+        raise argparse.ArgumentTypeError(f"must be 0 (no early stop) or an integer ≥ 2: {text}")
     return value
 
 

@@ -32,6 +32,7 @@ usage error that says why). Entropies do not depend on the order and stay. MoE s
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -171,8 +172,33 @@ class FeatureCache:
 # memory-mapped trace directory. Each example's value depends on its own rows only, computed
 # by the same operations as on the whole array, so blocks change no value.
 def _routing64(traces: TraceSet, rows: slice = slice(None)) -> np.ndarray:
-    """Routing of the examples in ``rows`` as float64, masked sources 0."""
-    return np.where(traces.source_mask[None], traces.routing[rows].astype(np.float64), 0.0)
+    """Routing of the examples in ``rows`` as float64, masked sources 0 (in place: one copy)."""
+    out = traces.routing[rows].astype(np.float64)
+    masked = ~traces.source_mask
+    if masked.any():
+        out[:, masked] = 0.0
+    return out
+
+
+_MEMO: dict[int, tuple[weakref.ref[TraceSet], dict[str, np.ndarray]]] = {}
+
+
+def _memo(traces: TraceSet, key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """A read-only profile of ``traces`` computed once while the TraceSet lives: several
+    summaries share one pass over [N, L, S] routing (r_agg and r_agg_normalized the entropy
+    profile, both depth variances the depth moments, the runner's content gate and the
+    content_dependence audit the TV profile). Trace sets are not modified after loading."""
+    entry = _MEMO.get(id(traces))
+    if entry is None or entry[0]() is not traces:
+        ident = id(traces)
+        entry = (weakref.ref(traces, lambda _ref: _MEMO.pop(ident, None)), {})
+        _MEMO[ident] = entry
+    store = entry[1]
+    if key not in store:
+        value = compute()
+        value.setflags(write=False)
+        store[key] = value
+    return store[key]
 
 
 def _by_blocks(traces: TraceSet, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -199,7 +225,7 @@ def _entropies(alpha: np.ndarray) -> np.ndarray:
 def entropy_profile(traces: TraceSet, *, normalized: bool = False) -> np.ndarray:
     """H_l per example for every layer with ≥ 2 valid sources: shape [N, L']."""
     keep = _multi_source_layers(traces)
-    h = _by_blocks(traces, lambda alpha: _entropies(alpha)[:, keep])
+    h = _memo(traces, "entropy", lambda: _by_blocks(traces, lambda alpha: _entropies(alpha)[:, keep]))
     if normalized:
         h = h / np.log(traces.source_mask.sum(axis=1)[keep])[None, :]
     return h
@@ -237,7 +263,7 @@ def _layer_depth_moments(traces: TraceSet) -> tuple[np.ndarray, np.ndarray]:
         var = (alpha * (depth - mean[..., None]) ** 2).sum(axis=2)
         return np.stack([mean[:, keep], var[:, keep]], axis=1)
 
-    both = _by_blocks(traces, moments)
+    both = _memo(traces, "depth_moments", lambda: _by_blocks(traces, moments))
     return np.ascontiguousarray(both[:, 0]), np.ascontiguousarray(both[:, 1])
 
 
@@ -433,8 +459,11 @@ def _mean_routing(traces: TraceSet) -> np.ndarray:
 
 def per_example_tv(traces: TraceSet) -> np.ndarray:
     """½ Σ_k |α_ik − ᾱ_k| for every example and layer: shape [N, L] (float64)."""
-    mean = _mean_routing(traces)
-    return _by_blocks(traces, lambda alpha: 0.5 * np.abs(alpha - mean).sum(axis=2))
+    def compute() -> np.ndarray:
+        mean = _mean_routing(traces)
+        return _by_blocks(traces, lambda alpha: 0.5 * np.abs(alpha - mean).sum(axis=2))
+
+    return _memo(traces, "tv", compute)
 
 
 def layer_tv(traces: TraceSet) -> np.ndarray:

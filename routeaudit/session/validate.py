@@ -107,7 +107,8 @@ def run_validation(config: Config, targets: Sequence[str], modules: dict[str, An
     print(f"routeaudit validate {shape['name']}: N = {shape['n']} examples (N_eval = "
           f"{shape['n'] // 2}), {shape['n_layers']} routing layers, {shape['n_classes']} classes, "
           f"seeds {','.join(map(str, shape['seeds']))}; alpha = {settings.alpha}; "
-          f"{replicates} replicates per size; permutations {settings.n_permutations}, "
+          f"{replicates} replicates per size; permutations {settings.n_permutations} "
+          f"(sequential h {settings.sequential_h or 'off'}), "
           f"bootstrap {settings.n_bootstrap}{' (--quick)' if o.quick else ''}")
     for name, why in cannot:
         print(f"  {name}: not simulated: {why}")

@@ -25,7 +25,7 @@ from routeaudit.stats.rng import as_generator
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["PermutationResult", "within_bin_permutation_test"]
+__all__ = ["PermutationResult", "null_mean_draws", "within_bin_permutation_test"]
 
 Statistic = Literal["weighted_gap", "max_gap"]
 
@@ -44,9 +44,17 @@ class PermutationResult:
     statistic: float
     p_value: float
     n_permutations: int
+    """Permutations drawn (L): fewer than asked for when sequential stopping stopped early."""
     exceedances: int
     null_mean: float
+    """Unbiased estimate of E[T*] (the mean of the permutation distribution) under the
+    sampling that was done: with sequential stopping, the mean of the draws before the h-th
+    exceedance, not of all L draws (see :func:`null_mean_draws`)."""
     null_sd: float
+    """sd of T* (ddof 1) over the same draws as ``null_mean``."""
+    null_mean_var: float
+    """Monte Carlo variance of ``null_mean``: ``null_sd² / m`` for its m draws (NaN when
+    fewer than two permutations were drawn)."""
     stopped_early: bool
     null: np.ndarray = field(repr=False)
 
@@ -210,7 +218,10 @@ def within_bin_permutation_test(
     order and stop at the first L where h exceedances have been seen; then p = h / L, which
     is a valid p-value. If all B permutations are drawn with fewer than h exceedances, p is the
     usual (1 + #) / (1 + B). Clear non-rejections stop after about h / p draws. L is found
-    exactly inside a chunk, so the result does not depend on ``chunk_size``.
+    exactly inside a chunk, so the result does not depend on ``chunk_size``. ``sequential_h``
+    None or 0 draws all B. The null mean stays unbiased under stopping: it averages the draws
+    before the h-th exceedance (:func:`null_mean_draws`), and ``null_mean_var`` is its Monte
+    Carlo variance, which callers add to any variance of an effect built on the null mean.
 
     Determinism: two 64-bit words of ``rng`` key a counter-based stream in which permutation k
     has its own block, so the same seed gives bit-identical results for any ``chunk_size``,
@@ -230,15 +241,18 @@ def within_bin_permutation_test(
         raise ValueError(f"statistic must be 'weighted_gap' or 'max_gap', not {statistic!r}")
     if int(n_permutations) < 1:
         raise ValueError(f"n_permutations must be >= 1, got {n_permutations}")
-    if sequential_h is not None and int(sequential_h) < 1:
-        raise ValueError(f"sequential_h must be >= 1, got {sequential_h}")
+    if sequential_h is not None and int(sequential_h) < 0:
+        raise ValueError(f"sequential_h must be >= 1 (or 0 / None: off), got {sequential_h}")
+    sequential_h = int(sequential_h) if sequential_h else None
     if chunk_size is not None and int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     gen = as_generator(rng)
     layout = _layout(b, s, x, n_bins, n_strata, min_count)
     if layout is None:
         return PermutationResult(
-            np.nan, np.nan, 0, 0, np.nan, np.nan, False, np.zeros(0, dtype=np.float64)
+            statistic=np.nan, p_value=np.nan, n_permutations=0, exceedances=0, null_mean=np.nan,
+            null_sd=np.nan, null_mean_var=np.nan, stopped_early=False,
+            null=np.zeros(0, dtype=np.float64),
         )
     dev = _backend.torch_device(device)
     observed = _statistic(layout.observed_le[None], layout, statistic)[0]
@@ -267,14 +281,31 @@ def within_bin_permutation_test(
     null = null[:drawn]
     # Besag-Clifford h / L once h exceedances are reached, else Phipson-Smyth (1 + k) / (1 + B)
     p_value = exceed / drawn if reached_h else (1 + exceed) / (1 + drawn)
-    sd = float(null.std(ddof=1)) if drawn > 1 else np.nan
+    used = null[: null_mean_draws(drawn, reached_h)]
+    spread = used if used.size > 1 else null  # h <= 2 may leave one draw: all L estimate sd
+    sd = float(spread.std(ddof=1)) if spread.size > 1 else np.nan
     return PermutationResult(
         statistic=float(observed),
         p_value=float(p_value),
         n_permutations=int(drawn),
         exceedances=int(exceed),
-        null_mean=float(null.mean()),
+        null_mean=float(used.mean()),
         null_sd=sd,
+        null_mean_var=sd * sd / used.size,
         stopped_early=bool(drawn < total),
         null=null,
     )
+
+
+def null_mean_draws(drawn: int, reached_h: bool) -> int:
+    """How many leading draws the unbiased null mean averages (docs/methods.md §2.5).
+
+    Under Besag-Clifford stopping the L drawn T* are not a plain sample: the last one is
+    always an exceedance, so their mean is biased upward (by about (E[T* | T* >= T] - E[T*]) / L,
+    large when L ~ h / p is small). Given that the h-th exceedance fell at draw L, the first
+    L - 1 draws are exchangeable, so E[T*_1 | L, the first L - 1 as a set, T*_L] is their mean:
+    the Rao-Blackwellised T*_1, unbiased for E[T*]. (For L = 1, with h = 1, it is T*_1 itself.)
+    When the h-th exceedance never came, the event "fewer than h in all B" is symmetric in all
+    B draws and their mean is the estimate, as without stopping.
+    """
+    return max(1, drawn - 1) if reached_h else drawn
