@@ -15,12 +15,15 @@ Sections (all by default; ``--only`` picks some, ``--quick`` shrinks them):
   binned/FFT path against exact dense float64 evaluation, and the fast path's error.
 * ``mlp``: ``fit_many`` (3 seeds x 4 control variants x 3 restarts) against scikit-learn
   ``MLPClassifier`` with the same architecture, trained one network at a time.
+* ``bootstrap``: the bootstrap of the matched gap at N = 1e6 against the obvious loop on the
+  same resamples, ``scipy.stats.bootstrap``, and the floor of drawing the picks alone.
 
 Every timing is the median of repeated runs on a machine shared with other jobs (the minimum
 is printed next to it); routeaudit and its baselines are run in alternating rounds, so a
 change of load hits both; CPU-time ratios (``time.process_time``, less sensitive to the
 load) are printed next to the wall-time ones that the targets use. Thread pools are pinned to
-``OMP_NUM_THREADS`` (default 1) and the count is printed; the numba kernels are single-threaded.
+``OMP_NUM_THREADS`` (default 1) and the count is printed; the numba kernels use that many
+threads (the bootstrap; the others are single-threaded).
 Each section ends with its target, MET or MISSED.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/speed.py [--only NAME ...] [--quick] [--out FILE]``
@@ -55,6 +58,7 @@ from routeaudit import metrics
 from routeaudit.calibrators import NadarayaWatson, bandwidth, fit_many, kde
 from routeaudit.metrics import ece, smooth_ece
 from routeaudit.stats import (
+    bootstrap_gap,
     confidence_bins,
     gap_statistics,
     rng_for,
@@ -1075,6 +1079,81 @@ def bench_mlp(size: Size = "full") -> Section:
     return sec
 
 
+# --------------------------------------------------------------------------- 5. bootstrap
+
+BOOT_SIZES: dict[str, dict[str, int]] = {
+    "full": dict(n=1_000_000, n_boot=200, ref_boot=10, repeats=3),
+    "quick": dict(n=100_000, n_boot=200, ref_boot=20, repeats=2),
+    "smoke": dict(n=2_000, n_boot=20, ref_boot=4, repeats=1),
+}
+
+
+def bench_bootstrap(size: Size = "full") -> Section:
+    """The bootstrap of the matched weighted gap (15 bins x 3 strata) at large N."""
+    import routeaudit.stats._bootstrap_kernels as bk
+    from routeaudit.stats.bootstrap import Resampler
+
+    cfg = BOOT_SIZES[size]
+    n, n_boot, ref_boot = cfg["n"], cfg["n_boot"], cfg["ref_boot"]
+    gen = np.random.default_rng(0)
+    conf = gen.uniform(0.3, 1.0, n)
+    bins = confidence_bins(conf, N_BINS)
+    strata = gen.integers(0, N_STRATA, n)
+    residual = (gen.random(n) < conf) - conf
+    kw = dict(n_bins=N_BINS, n_strata=N_STRATA, min_count=MIN_COUNT)
+    sec = Section("bootstrap", f"bootstrap of the matched weighted gap, N = {n:,}, {n_boot} replicates "
+                               f"({N_BINS} bins x {N_STRATA} strata)")
+    bootstrap_gap(bins[:500], strata[:500], residual[:500], **kw, n_boot=2, rng=1)  # JIT warm-up
+    order = np.argsort(bins * N_STRATA + strata, kind="stable")
+    picks = order[Resampler.draw(np.random.default_rng(1), n).picks(0, ref_boot)]
+
+    def loop() -> np.ndarray:
+        """The obvious loop on the same resamples: index, then gap_statistics per replicate."""
+        return np.array([gap_statistics(bins[p], strata[p], residual[p], **kw).weighted_gap
+                         for p in picks])
+
+    def scipy_bootstrap() -> float:
+        res = sps.bootstrap((bins, strata, residual), lambda b, s, x: gap_statistics(  # scipy
+            b.astype(np.int64), s.astype(np.int64), x, **kw).weighted_gap,  # hands floats back
+            paired=True, vectorized=False, n_resamples=ref_boot,
+            method="percentile", random_state=np.random.default_rng(2))
+        return float(res.confidence_interval.low)
+
+    counts = np.empty(n, np.uint8)
+
+    def picks_only() -> None:
+        for k in range(n_boot):
+            bk._count(np.uint64(1), np.uint64(2), k, n, bk.DRAW_BITS, bk.BYTE_CAP, counts)
+
+    scale = n_boot / ref_boot
+    timed = measure_interleaved({
+        "ours": (lambda: bootstrap_gap(bins, strata, residual, **kw, n_boot=n_boot, rng=1)[2],
+                 cfg["repeats"]),
+        "loop": (loop, cfg["repeats"]),
+        "scipy": (scipy_bootstrap, cfg["repeats"]),
+        "picks": (picks_only, cfg["repeats"]),
+    })
+    table = Table(f"{n_boot} replicates; baselines timed on {ref_boot} and scaled",
+                  "routeaudit bootstrap_gap")
+    t_ours, reps = timed["ours"]
+    threads = int(os.environ.get("OMP_NUM_THREADS", "1"))
+    table.add("routeaudit bootstrap_gap", t_ours,
+              f"{t_ours.median / n_boot * 1e3:.2f} ms per replicate, {threads} thread(s)")
+    t_loop, loop_reps = timed["loop"]
+    table.add("numpy loop, same resamples", Timing(t_loop.times, scale, t_loop.cpu),
+              "resample by fancy indexing + gap_statistics (bincount) per replicate")
+    t_scipy, _ = timed["scipy"]
+    table.add("scipy.stats.bootstrap", Timing(t_scipy.times, scale, t_scipy.cpu),
+              "paired=True, vectorized=False, percentile")
+    table.add("floor: the picks alone", timed["picks"][0],
+              "counted into one byte per unit, no data read")
+    sec.tables.append(table)
+    sec.facts["max_replicate_diff_loop"] = float(np.max(np.abs(loop_reps - reps[:ref_boot])))
+    sec.notes.append(f"the loop on the same resamples reproduces the replicates to "
+                     f"{sec.facts['max_replicate_diff_loop']:.1e}")
+    return sec
+
+
 # --------------------------------------------------------------------------- entry point
 
 SECTIONS: dict[str, Callable[[Size], Section]] = {
@@ -1082,6 +1161,7 @@ SECTIONS: dict[str, Callable[[Size], Section]] = {
     "ece": bench_ece,
     "nw": bench_nw,
     "mlp": bench_mlp,
+    "bootstrap": bench_bootstrap,
 }
 
 
@@ -1111,7 +1191,7 @@ def header(threads: int, argv: Sequence[str]) -> str:
     try:
         import numba
 
-        jit = f"numba {numba.__version__} (kernels single-threaded, NUMBA_NUM_THREADS unused)"
+        jit = f"numba {numba.__version__} (bootstrap kernel on OMP_NUM_THREADS threads, others single)"
     except ImportError:
         jit = "numba not installed (numpy twins of the kernels)"
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())

@@ -24,9 +24,9 @@ def sections() -> dict[str, speed.Section]:
 
 
 def test_every_section_runs_and_times_every_row(sections):
-    assert set(sections) == {"permutation", "ece", "nw", "mlp"}
+    assert set(sections) == {"permutation", "ece", "nw", "mlp", "bootstrap"}
     for sec in sections.values():
-        assert sec.tables and sec.targets, sec.name
+        assert sec.tables and (sec.targets or sec.name == "bootstrap"), sec.name  # no target set
         for timing in sec.timings():
             assert math.isfinite(timing.median) and timing.median > 0.0, sec.name
         for table in sec.tables:
@@ -36,6 +36,10 @@ def test_every_section_runs_and_times_every_row(sections):
 
 def test_permutation_loop_baseline_computes_the_engines_statistic(sections):
     assert sections["permutation"].facts["max_wg_diff_loop"] < 1e-12
+
+
+def test_bootstrap_loop_baseline_reproduces_the_replicates(sections):
+    assert sections["bootstrap"].facts["max_replicate_diff_loop"] < 1e-12
 
 
 def test_nw_fast_path_error_within_the_bound_stated_in_kernel_py(sections):

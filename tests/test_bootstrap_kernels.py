@@ -176,3 +176,24 @@ def test_resampler_rejects_impossible_sizes():
         Resampler.draw(1, 0)
     with pytest.raises(ValueError, match="units"):
         Resampler.draw(1, (1 << 32) + 1)
+
+
+def test_parallel_kernel_leaves_torch_threads_alone():
+    """numba's OpenMP layer would resize torch's OpenMP pool when the parallel bootstrap
+    starts (seen: 1 -> 2 threads under OMP_NUM_THREADS=1); the work-queue layer does not."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch, numpy as np\n"
+            "from routeaudit.stats import bootstrap_gap\n"
+            "before = torch.get_num_threads()\n"
+            "bootstrap_gap(np.zeros(90, int), np.arange(90) % 3, np.arange(90) / 90.0, n_bins=1,"
+            " n_strata=3, n_boot=40, rng=1)\n"
+            "import numba\n"
+            "print(before, torch.get_num_threads(), numba.threading_layer())\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env["OMP_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300, check=True).stdout.split()
+    assert out == ["1", "1", "workqueue"]

@@ -114,6 +114,12 @@ def _jit(fn: Callable[..., Any], parallel: bool = False) -> Callable[..., Any]:
 _NO_CACHE: list[str] = []
 
 
+if numba is not None and "NUMBA_THREADING_LAYER" not in os.environ:
+    # numba's own work queue, not OpenMP: an OpenMP layer would share (and resize) torch's
+    # OpenMP pool when the parallel kernels start; NUMBA_THREADING_LAYER overrides
+    numba.config.THREADING_LAYER = "workqueue"
+
+
 def threads() -> int:
     """Threads for the parallel kernels: numba's pool, capped by ``OMP_NUM_THREADS`` when set
     (the one knob the tests, CI and benchmarks pin); set on numba for the calling thread."""
