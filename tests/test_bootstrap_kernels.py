@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from scipy import stats as sps
+from stream_reference import GAMMA, MASK, splitmix
 
 from routeaudit import metrics
 from routeaudit.stats import (
@@ -21,15 +22,6 @@ from routeaudit.stats import (
 )
 from routeaudit.stats import _bootstrap_kernels as _bk
 from routeaudit.stats.bootstrap import Resampler, group_units, resampling_counts
-
-MASK = (1 << 64) - 1
-GAMMA = 0x9E3779B97F4A7C15
-
-
-def splitmix(z: int) -> int:
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-    return z ^ (z >> 31)
 
 
 def reference_pick(key: int, key2: int, rep: int, j: int, n: int, bits: int) -> int:

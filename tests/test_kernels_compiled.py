@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats as sps
+from stream_reference import GAMMA, MASK, splitmix
 
 from routeaudit import metrics
 from routeaudit.stats import (
@@ -34,14 +35,6 @@ pytestmark = pytest.mark.skipif(not _kernels.available(), reason="numba is not i
 
 # --------------------------------------------------------------------------- the stream, by hand
 
-MASK = (1 << 64) - 1
-GAMMA = 0x9E3779B97F4A7C15
-
-
-def splitmix(z: int) -> int:
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK
-    return z ^ (z >> 31)
 
 
 def bounded(key: int, key2: int, word: int, odd: int, rem: int, bits: int) -> int:
