@@ -352,3 +352,14 @@ def test_large_ece_matches_netcal():
     assert not on_edge.any()  # off the edges, netcal's [lo, hi) bins are ours
     want = float(netcal.ECE(15).measure(c.astype(np.float64), y.astype(np.int64)))
     assert metrics.ece(c, y) == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_permutation_null_does_not_depend_on_the_thread_count(monkeypatch):
+    """(lane group, bin) pairs run on OMP_NUM_THREADS threads; each is computed by one thread."""
+    bins, strata, res = cells(3000, 9, seed=12)
+    kw = dict(n_bins=9, n_strata=3, n_permutations=200, rng=8)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one = within_bin_permutation_test(bins, strata, res, **kw, chunk_size=130)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    two = within_bin_permutation_test(bins, strata, res, **kw, chunk_size=130)
+    assert np.array_equal(one.null, two.null) and one.p_value == two.p_value

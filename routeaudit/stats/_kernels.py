@@ -56,8 +56,10 @@ if TYPE_CHECKING:
 
 try:  # numba is a core dependency; without it the numpy path gives the same numbers
     import numba
+    from numba import prange
 except ImportError:  # pragma: no cover - exercised by tests through USE_NUMBA
     numba = None
+    prange = range
 
 __all__ = [
     "DRAW_BITS",
@@ -235,19 +237,13 @@ def _pairs_two_boundaries(
 
 
 @_jit
-def perm_le(
+def _lanes_of_bin(
     x: np.ndarray, starts: np.ndarray, sizes: np.ndarray, cum: np.ndarray, key: np.uint64,
     key2: np.uint64, words: np.uint64, woff: np.ndarray, row0: int, rows: int, bits: int,
-    out: np.ndarray,
+    g0: int, u: int, out: np.ndarray,
 ) -> None:
-    """``out[r, u, t]`` = sum of bin u's residuals labelled ``<= t`` in permutation row0 + r.
-
-    Permutations run LANES at a time, one per SIMD lane: every lane walks the same bin in the
-    same order, so the loops over lanes vectorise. A lane whose draws might need a Lemire
-    rejection (flagged by the cheap test ``m mod 2**bits < rem``) is recomputed by
-    :func:`bin_exact`; lanes past ``rows`` are computed and dropped.
-    """
-    n_bins = sizes.size
+    """Bin u of permutations row0 + g0 .. row0 + g0 + LANES - 1 (one lane each): the unit of
+    work of :func:`perm_le`, with its own buffers."""
     s1 = cum.shape[1]
     shift = np.uint64(32 - bits)
     nbits = np.uint64(bits)
@@ -261,57 +257,79 @@ def perm_le(
     acc = np.empty((s1, LANES), np.int64)
     fix = np.empty(s1, np.int64)
     lowest = np.empty(LANES, np.uint64)
-    for g0 in range(0, rows, LANES):
-        for u in range(n_bins):
-            n = sizes[u]
-            xs = x[starts[u] : starts[u] + n]
+    n = sizes[u]
+    xs = x[starts[u] : starts[u] + n]
+    for lane in range(LANES):
+        base[lane] = key + (np.uint64(row0 + g0 + lane) * words + woff[u]) * GAMMA
+        flag[lane] = False
+        lowest[lane] = low
+    for t in range(s1):
+        need[t, :] = cum[u, t]
+        acc[t, :] = 0
+    if s1 == 2:  # three strata (tertiles, the default): one fused loop
+        _pairs_two_boundaries(xs, n, base, need[0], need[1], acc[0], acc[1], lowest, bits)
+        for lane in range(LANES):
+            flag[lane] = lowest[lane] < np.uint64(n)
+    for h in range(n // 2 if s1 != 2 else 0):
+        rem0 = np.uint64(n - 2 * h)
+        rem1 = rem0 - np.uint64(1)
+        step = np.uint64(h) * GAMMA
+        for lane in range(LANES):  # vectorised: draws of positions 2h and 2h + 1
+            z = _mix(base[lane] + step)
+            m0 = ((z >> np.uint64(32)) >> shift) * rem0
+            m1 = ((z & _LOW32) >> shift) * rem1
+            r0[lane] = np.int64(m0 >> nbits)
+            r1[lane] = np.int64(m1 >> nbits)
+            flag[lane] = flag[lane] | ((m0 & low) < rem0) | (((m1 & low) < rem1) & (rem1 > one))
+        x0 = xs[2 * h]
+        x1 = xs[2 * h + 1]
+        for t in range(s1):
+            nt = need[t]
+            at = acc[t]
+            for lane in range(LANES):  # vectorised: Algorithm S, branch-free
+                c = np.int64(r0[lane] < nt[lane])
+                at[lane] += x0 & -c
+                nt[lane] -= c
+                c = np.int64(r1[lane] < nt[lane])
+                at[lane] += x1 & -c
+                nt[lane] -= c
+    if n & 1:  # the last position takes the label that is left (rem = 1, r = 0)
+        xl = xs[n - 1]
+        for t in range(s1):
             for lane in range(LANES):
-                base[lane] = key + (np.uint64(row0 + g0 + lane) * words + woff[u]) * GAMMA
-                flag[lane] = False
-                lowest[lane] = low
+                acc[t, lane] += xl & -np.int64(need[t, lane] > 0)
+    for lane in range(min(LANES, rows - g0)):
+        if flag[lane]:
+            ctr0 = np.uint64(row0 + g0 + lane) * words + woff[u]
+            bin_exact(xs, cum[u], key, key2, ctr0, bits, fix)
             for t in range(s1):
-                need[t, :] = cum[u, t]
-                acc[t, :] = 0
-            if s1 == 2:  # three strata (tertiles, the default): one fused loop
-                _pairs_two_boundaries(xs, n, base, need[0], need[1], acc[0], acc[1], lowest, bits)
-                for lane in range(LANES):
-                    flag[lane] = lowest[lane] < np.uint64(n)
-            for h in range(n // 2 if s1 != 2 else 0):
-                rem0 = np.uint64(n - 2 * h)
-                rem1 = rem0 - np.uint64(1)
-                step = np.uint64(h) * GAMMA
-                for lane in range(LANES):  # vectorised: draws of positions 2h and 2h + 1
-                    z = _mix(base[lane] + step)
-                    m0 = ((z >> np.uint64(32)) >> shift) * rem0
-                    m1 = ((z & _LOW32) >> shift) * rem1
-                    r0[lane] = np.int64(m0 >> nbits)
-                    r1[lane] = np.int64(m1 >> nbits)
-                    flag[lane] = flag[lane] | ((m0 & low) < rem0) | (((m1 & low) < rem1) & (rem1 > one))
-                x0 = xs[2 * h]
-                x1 = xs[2 * h + 1]
-                for t in range(s1):
-                    nt = need[t]
-                    at = acc[t]
-                    for lane in range(LANES):  # vectorised: Algorithm S, branch-free
-                        c = np.int64(r0[lane] < nt[lane])
-                        at[lane] += x0 & -c
-                        nt[lane] -= c
-                        c = np.int64(r1[lane] < nt[lane])
-                        at[lane] += x1 & -c
-                        nt[lane] -= c
-            if n & 1:  # the last position takes the label that is left (rem = 1, r = 0)
-                xl = xs[n - 1]
-                for t in range(s1):
-                    for lane in range(LANES):
-                        acc[t, lane] += xl & -np.int64(need[t, lane] > 0)
-            for lane in range(min(LANES, rows - g0)):
-                if flag[lane]:
-                    ctr0 = np.uint64(row0 + g0 + lane) * words + woff[u]
-                    bin_exact(xs, cum[u], key, key2, ctr0, bits, fix)
-                    for t in range(s1):
-                        acc[t, lane] = fix[t]
-                for t in range(s1):
-                    out[g0 + lane, u, t] = acc[t, lane]
+                acc[t, lane] = fix[t]
+        for t in range(s1):
+            out[g0 + lane, u, t] = acc[t, lane]
+
+
+def _perm_le(
+    x: np.ndarray, starts: np.ndarray, sizes: np.ndarray, cum: np.ndarray, key: np.uint64,
+    key2: np.uint64, words: np.uint64, woff: np.ndarray, row0: int, rows: int, bits: int,
+    out: np.ndarray,
+) -> None:
+    """``out[r, u, t]`` = sum of bin u's residuals labelled ``<= t`` in permutation row0 + r.
+
+    Permutations run LANES at a time, one per SIMD lane: every lane walks the same bin in the
+    same order, so the loops over lanes vectorise. A lane whose draws might need a Lemire
+    rejection (flagged by the cheap test ``m mod 2**bits < rem``) is recomputed by
+    :func:`bin_exact`; lanes past ``rows`` are computed and dropped. The (lane group, bin)
+    pairs are independent and spread over threads (:func:`threads`); each is computed whole by
+    one thread, so the sums do not depend on the thread count.
+    """
+    n_bins = sizes.size
+    n_groups = (rows + LANES - 1) // LANES
+    for job in prange(n_groups * n_bins):
+        _lanes_of_bin(x, starts, sizes, cum, key, key2, words, woff, row0, rows, bits,
+                      (job // n_bins) * LANES, job % n_bins, out)
+
+
+perm_le = _jit(_perm_le, parallel=True)
 
 
 @_jit

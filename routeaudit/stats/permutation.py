@@ -168,6 +168,7 @@ def _null_chunk(
         le = _kernels.perm_le_torch(layout.x_pad, layout.sizes, *args, device)
     elif _kernels.available():
         le = np.empty((rows, layout.sizes.size, layout.cum.shape[1]), dtype=np.int64)
+        _kernels.threads()  # (lane group, bin) pairs over OMP_NUM_THREADS threads, same sums
         _kernels.perm_le(
             layout.x, layout.starts, layout.sizes, layout.cum, np.uint64(key), np.uint64(key2),
             np.uint64(layout.words), layout.woff, row0, rows, bits, le,
