@@ -164,6 +164,12 @@ def power_study(effects, sizes, replicates: int, permutations: int, alpha: float
     return table
 
 
+def _engine() -> str:
+    import routeaudit.stats._kernels as kernels
+
+    return "compiled numba kernels" if kernels.available() else "numpy kernels (no numba)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicates", type=int, default=500)
@@ -184,7 +190,7 @@ def main() -> None:
     if args.only == "outcomes":
         outcomes(args, started)
         return
-    print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} (numpy kernels); "
+    print(f"threads: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} ({_engine()}); "
           f"N = {args.n} evaluation examples (2N traces, one 50/50 split per replicate); "
           f"B = {args.permutations}; alpha = {args.alpha}; summary {SUMMARY}; 15 equal-mass bins "
           "x 3 within-bin tertiles; the shipped permutation_null and stratification audits")
