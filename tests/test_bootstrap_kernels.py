@@ -163,6 +163,30 @@ def test_worst_tile_ece_uses_the_same_resamples():
             assert reps[k, j] == pytest.approx(want, rel=1e-9)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_worst_tile_kernel_equals_the_numpy_path(monkeypatch, grouped):
+    """The compiled cell sums give the numpy bincount path's bits: chunks, threads, groups,
+    a tile left empty by some replicates (NaN-free max over the others)."""
+    gen = np.random.default_rng(8)
+    n = 600
+    preds = gen.uniform(0.0, 1.0, (4, n))
+    preds[1] = preds[0]  # two probes with identical predictions
+    correct = gen.random(n) < preds[0]
+    tiles = np.where(np.arange(n) < 3, 2, gen.integers(0, 2, n))  # tile 2: three examples
+    groups = gen.integers(0, 150, n) if grouped else None
+    kw = dict(n_boot=90, rng=2, groups=groups)
+    observed, base = bootstrap_worst_tile_ece(preds, correct, tiles, **kw)
+    assert np.isfinite(base).all()
+    np.testing.assert_array_equal(base[:, 0], base[:, 1])
+    assert np.array_equal(bootstrap_worst_tile_ece(preds, correct, tiles, **kw, chunk_size=7)[1],
+                          base)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert np.array_equal(bootstrap_worst_tile_ece(preds, correct, tiles, **kw)[1], base)
+    monkeypatch.setattr(_kernels, "USE_NUMBA", False)
+    numpy_observed, numpy_reps = bootstrap_worst_tile_ece(preds, correct, tiles, **kw)
+    assert np.array_equal(numpy_observed, observed) and np.array_equal(numpy_reps, base)
+
+
 def test_resampler_rejects_impossible_sizes():
     with pytest.raises(ValueError, match="units"):
         Resampler.draw(1, 0)

@@ -12,6 +12,7 @@ many instances at once (``fit_batch``, e.g. the batched MLP) are fitted together
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -70,7 +71,7 @@ class SeedResult:
     seed: int
     order: list[str]  # probe keys, "raw" first, then "candidate", then the variants
     observed: np.ndarray  # headline per probe
-    replicates: np.ndarray  # [n_boot, probes], paired
+    replicates: np.ndarray  # [n_boot, probes], paired; NaN for "raw" (never compared)
     metrics: dict[str, dict[str, float]]
     n_parameters: dict[str, int | None]
 
@@ -117,41 +118,163 @@ class FitJob(NamedTuple):
     y_eval: np.ndarray
 
 
-def fit_predict(jobs: Sequence[FitJob]) -> list[tuple[np.ndarray, int | None]]:
+Fitted = tuple[np.ndarray, "int | None"]
+
+#: Most bytes of predictions a study keeps for reuse across settings (a run on millions of
+#: examples reuses what fits in it and recomputes the rest).
+MEMO_BYTES = 256 << 20
+
+
+class ResultMemo(dict):
+    """Fit results kept for reuse (:func:`fit_predict`), up to ``budget`` bytes of arrays."""
+
+    def __init__(self, budget: int = MEMO_BYTES) -> None:
+        super().__init__()
+        self.budget = budget
+        self.nbytes = 0
+
+    def put(self, key: Any, result: Fitted) -> None:
+        if key in self or self.nbytes + result[0].nbytes > self.budget:
+            return
+        self[key] = result
+        self.nbytes += result[0].nbytes
+
+
+def fit_predict(jobs: Sequence[FitJob], memo: ResultMemo | None = None,
+                data_keys: Sequence[Any] | None = None) -> list[Fitted]:
     """Fit every job; return its evaluation predictions and ``n_parameters_``.
 
     Calibrators whose class defines ``fit_batch`` (every :class:`BaseCalibrator` does) are
     handed to it together, one call per class, so a class that can train many instances at
     once does (the MLP trains identical configurations as one batched model, bit for bit the
     same as one by one). Calibrators that need the oracle are fitted one by one with it.
+
+    ``memo`` with ``data_keys`` (one hashable key per job; jobs with equal keys have the same
+    data, e.g. :func:`data_key`) reuses the result of an equivalent estimator
+    (:func:`fit_key`) fitted on the same data before: the fit is skipped when the unfitted
+    estimator is equivalent to one already fitted, the prediction when the fitted one is
+    (e.g. a CV-chosen bandwidth the grid has already fitted). The result is the one the fit
+    would give, bit for bit.
     """
-    out: list[tuple[np.ndarray, int | None] | None] = [None] * len(jobs)
+    jobs = list(jobs)  # fitted instances replace the templates below (fit_batch may copy)
+    if memo is None or data_keys is None:  # nothing is reused
+        memo, data_keys = ResultMemo(budget=0), [None] * len(jobs)
+
+    def key(i: int) -> Any:
+        k = fit_key(jobs[i].calibrator) if data_keys[i] is not None else None
+        return None if k is None else (data_keys[i], k)
+
+    def scored(i: int) -> Fitted:
+        k = key(i)  # after the fit: the estimator it turned out to be
+        if k is not None and k in memo:
+            return memo[k]
+        result = _scored(jobs[i].calibrator, jobs[i])
+        if k is not None:
+            memo.put(k, result)
+        return result
+
+    out: list[Fitted | None] = [None] * len(jobs)
     batches: dict[type, list[int]] = {}
+    befores = [key(i) for i in range(len(jobs))]  # before the fit: the estimator asked for
+    first: dict[Any, int] = {}  # key -> the job of this call that fits it
     for i, job in enumerate(jobs):
         cal = job.calibrator
+        before = befores[i]
+        if before is not None:
+            if before in memo:
+                out[i] = memo[before]
+                continue
+            if before in first:  # the same fit as an earlier job of this call
+                continue
+            first[before] = i
         if getattr(cal, "requires_oracle", False):
             cal.fit(job.X_cal, job.y_cal, oracle=(job.X_eval, job.y_eval))
-            out[i] = _scored(cal, job)
+            out[i] = scored(i)
         elif callable(getattr(type(cal), "fit_batch", None)):
             batches.setdefault(type(cal), []).append(i)
         else:
             cal.fit(job.X_cal, job.y_cal)
-            out[i] = _scored(cal, job)
+            out[i] = scored(i)
     for cls, members in batches.items():
         fitted = cls.fit_batch([jobs[i].calibrator for i in members],
                                [jobs[i].X_cal for i in members], [jobs[i].y_cal for i in members])
         for i, cal in zip(members, fitted, strict=True):
-            out[i] = _scored(cal, jobs[i])
+            jobs[i] = jobs[i]._replace(calibrator=cal)
+            out[i] = scored(i)
+    for i, before in enumerate(befores):
+        if before is not None:
+            if out[i] is None:
+                out[i] = out[first[before]]
+            memo.put(before, out[i])  # type: ignore[arg-type]
     return out  # type: ignore[return-value]
 
 
-def _scored(cal: Any, job: FitJob) -> tuple[np.ndarray, int | None]:
+def _scored(cal: Any, job: FitJob) -> Fitted:
     return np.asarray(cal.predict(job.X_eval), dtype=np.float64), getattr(cal, "n_parameters_", None)
 
 
-def _seed_study(spec: CalibratorSpec, seed: SeedData, variants: Sequence[Variant],
-                setting: Setting, tertile: str | None, n_boot: int, level: float
-                ) -> tuple[SeedResult, str]:
+def data_key(job: FitJob) -> bytes:
+    """A digest of a job's data (both halves, with shapes and dtypes): equal digests, equal
+    data. Content, not names: a twin whose input equals another probe's (e.g. a derived twin
+    that puts predictive entropy where the only routing column was, and the
+    predictive-entropy probe) is the same fit."""
+    digest = hashlib.blake2b(digest_size=32)
+    for a in job[1:]:
+        a = np.ascontiguousarray(a)
+        digest.update(repr((a.shape, a.dtype.str)).encode())
+        digest.update(a.tobytes())
+    return digest.digest()
+
+
+def fit_key(cal: Any) -> Any:
+    """What determines a calibrator's predictions besides its data, or None (never memoised).
+
+    Only calibrators that define ``equivalent_params()`` (parameters normalised so that two
+    spellings of the same estimator, e.g. ``bandwidth="scott"`` and ``"scott×1"``, compare
+    equal; once fitted, a data-chosen bandwidth counts as the fixed one it chose) are
+    memoised: the sensitivity audit refits the calibrator as registered at the grid value it
+    already equals, and CV and the oracle choose a grid value.
+    """
+    method = getattr(cal, "equivalent_params", None)
+    if not callable(method):
+        return None
+    return (type(cal).__qualname__, repr(sorted(method().items())))
+
+
+@dataclass
+class _SeedJobs:
+    """One seed's probes, ready to fit: the jobs (candidate first) and what scoring needs."""
+
+    seed: SeedData
+    keys: list[str]
+    jobs: list[FitJob]
+    conf_eval: np.ndarray
+    correct_eval: np.ndarray
+    logits_eval: np.ndarray
+    summary: str
+
+
+def _seed_jobs(spec: CalibratorSpec, seed: SeedData, variants: Sequence[Variant],
+               setting: Setting, tertile: str | None, inputs: dict | None = None) -> _SeedJobs:
+    """The jobs of one seed at ``setting``. The input matrices do not depend on the setting:
+    ``inputs`` (a dict kept across settings) holds them, and every job gets its own copy."""
+    key = (seed.seed, tuple(v.key for v in variants), tertile)
+    made = None if inputs is None else inputs.get(key)
+    if made is None:
+        made = _seed_inputs(spec, seed, variants, tertile)
+        if inputs is not None and sum(a.nbytes for pair in made[1] for a in pair) <= MEMO_BYTES // 4:
+            inputs[key] = made
+    keys, matrices, (conf_eval, correct_cal, correct_eval, logits_eval), summary = made
+    random_state = random_state_for(seed.seed, spec)
+    jobs = [FitJob(make_calibrator(spec, setting, random_state), X_cal.copy(), correct_cal,
+                   X_eval.copy(), correct_eval) for X_cal, X_eval in matrices]
+    return _SeedJobs(seed, list(keys), jobs, conf_eval, correct_eval, logits_eval, summary)
+
+
+def _seed_inputs(spec: CalibratorSpec, seed: SeedData, variants: Sequence[Variant],
+                 tertile: str | None) -> tuple:
+    """Probe keys, (calibration, evaluation) input of each probe, the evaluation split's
+    confidence, correctness and logits, and the tertile summary."""
     fm_all = feature_matrix(spec.features, seed.features)
     summary = tertile_summary(spec, fm_all, tertile, frozenset(fm_all.labels))
     parts = {}
@@ -161,33 +284,75 @@ def _seed_study(spec: CalibratorSpec, seed: SeedData, variants: Sequence[Variant
                            fm_all.labels)
         conf, correct = seed.conf_correct(part)
         parts[part] = (fm, seed.traces.logits[index], conf, correct)
-    random_state = random_state_for(seed.seed, spec)
-    jobs, keys = [], []
+    keys, matrices = [], []
     for variant in [CANDIDATE, *variants]:
-        inputs = {}
+        made = {}
         for part, (fm, logits, conf, _) in parts.items():
             rng = rng_for("control-input", spec.name, variant.key, part, seed.seed)
-            inputs[part] = variant_input(variant, fm, logits, conf, rng)
-        cal = make_calibrator(spec, setting, random_state)
-        jobs.append(FitJob(cal, inputs["cal"], parts["cal"][3], inputs["eval"], parts["eval"][3]))
+            made[part] = variant_input(variant, fm, logits, conf, rng)
         keys.append(variant.key)
-    fitted = fit_predict(jobs)
-    conf_eval, correct_eval = parts["eval"][2], parts["eval"][3]
+        matrices.append((made["cal"], made["eval"]))
+    split = (parts["eval"][2], parts["cal"][3], parts["eval"][3], parts["eval"][1])
+    return tuple(keys), matrices, split, summary
+
+
+def _score(spec: CalibratorSpec, prepared: _SeedJobs, fitted: Sequence[Fitted],
+           setting: Setting, n_boot: int, metric_memo: dict | None = None) -> SeedResult:
+    """Headline with its paired bootstrap, and every reported metric, of one seed's probes.
+
+    ``metric_memo`` reuses the reported metrics of a prediction vector already scored on
+    the same evaluation split (the same numbers: they are a function of the vector and the
+    split alone); the headline and its bootstrap are always computed.
+    """
+    seed, keys = prepared.seed, prepared.keys
     order = ["raw", *keys]
-    preds = np.stack([conf_eval, *[p for p, _ in fitted]])
+    preds = np.stack([prepared.conf_eval, *[p for p, _ in fitted]])
     if not np.isfinite(preds).all():
         bad = order[int(np.flatnonzero(~np.isfinite(preds).all(axis=1))[0])]
         raise UsageError(f"calibrator {spec.name!r} ({bad}) predicted NaN or inf")
-    tiles = metrics.quantile_tiles(seed.summary(summary, "eval"), 3)
+    correct_eval = prepared.correct_eval
+    tiles = metrics.quantile_tiles(seed.summary(prepared.summary, "eval"), 3)
+    # The fitted probes are bootstrapped together (paired); no decision compares against
+    # "raw", so it gets its observed headline only (the same function, one replicate, thrown
+    # away) and NaN replicates. Each probe's replicates depend only on its predictions and
+    # the shared resamples, so leaving rows out changes no other probe's numbers.
+    # Probes with identical predictions (e.g. a derived twin whose input is the
+    # predictive-entropy probe's) are resampled once and their columns shared.
+    groups = seed.groups("eval")
+    fitted_preds = preds[1:]
+    _, first, which = np.unique(fitted_preds, axis=0, return_index=True, return_inverse=True)
+    unique = np.sort(first)  # bootstrap rows in probe order
+    column = np.searchsorted(unique, first[np.asarray(which).reshape(-1)])
     observed, reps = bootstrap_worst_tile_ece(
-        preds, correct_eval, tiles, n_boot=n_boot, groups=seed.groups("eval"),
+        fitted_preds[unique], correct_eval, tiles, n_boot=n_boot, groups=groups,
         rng=rng_for("calibrator-bootstrap", spec.name, repr(setting), seed.seed))
-    probs = metrics.softmax(parts["eval"][1])
+    observed, reps = observed[column], reps[:, column]
+    raw_observed, _ = bootstrap_worst_tile_ece(preds[:1], correct_eval, tiles, n_boot=1,
+                                               groups=groups, rng=0)
+    observed = np.concatenate([raw_observed, observed])
+    reps = np.column_stack([np.full(reps.shape[0], np.nan), reps])
+    probs = None
     labels = seed.traces.labels[seed.eval_index]
-    table = {key: probe_metrics(preds[j], correct_eval, probs, labels, observed[j])
-             for j, key in enumerate(order)}
+    # metric memo keys: a digest of the evaluation split (examples, labels, correctness) and
+    # of the prediction vector (256 bits: equal digests, equal inputs)
+    split = hashlib.blake2b(digest_size=32)
+    for a in (seed.eval_index, labels, correct_eval, prepared.logits_eval):
+        split.update(np.ascontiguousarray(a).tobytes())
+    table = {}
+    for j, key in enumerate(order):
+        digest = split.copy()
+        digest.update(preds[j].tobytes())
+        others = None if metric_memo is None else metric_memo.get(digest.digest())
+        if others is None:
+            if probs is None:
+                probs = metrics.softmax(prepared.logits_eval)
+            others = probe_metrics(preds[j], correct_eval, probs, labels, observed[j])
+            others.pop(HEADLINE)
+            if metric_memo is not None:
+                metric_memo[digest.digest()] = others
+        table[key] = {HEADLINE: float(observed[j]), **others}
     n_params = {"raw": 0, **{key: n for key, (_, n) in zip(keys, fitted, strict=True)}}
-    return SeedResult(seed.seed, order, observed, reps, table, n_params), summary
+    return SeedResult(seed.seed, order, observed, reps, table, n_params)
 
 
 def routing_features(ctx: AuditContext) -> tuple[str, ...]:
@@ -206,18 +371,35 @@ def all_variants(features: Sequence[str], kinds: Sequence[str] | None = None) ->
 
 
 def study(ctx: AuditContext, setting: Setting = None) -> Study:
-    """The (memoised) study of the context's calibrator and the controls the run needs."""
+    """The (memoised) study of the context's calibrator and the controls the run needs.
+
+    Every seed's probes are fitted in one :func:`fit_predict` call (so the batched MLP
+    trains all seeds × variants × restarts together); fits and reported metrics that an
+    earlier setting already computed are reused (:func:`fit_key`).
+    """
     spec = resolve_spec(ctx.calibrator)
     variants = all_variants(routing_features(ctx), ctx.control_kinds)
     tertile = ctx.settings.tertile_summary
     key = ("study", spec.name, repr(setting))
     if key not in ctx.cache:
         result = Study(spec, setting, tertile or "")
-        for seed in ctx.seeds:
-            ctx.step(f"training {spec.name} and {len(variants)} controls, seed {seed.seed}")
-            seed_result, summary = _seed_study(spec, seed, variants, setting, tertile,
-                                               ctx.settings.n_bootstrap, 1 - ctx.settings.alpha)
-            result.seeds.append(seed_result)
-            result.tertile_summary = summary
+        inputs = ctx.cache.setdefault(("study-inputs", spec.name), {})
+        prepared = [_seed_jobs(spec, seed, variants, setting, tertile, inputs)
+                    for seed in ctx.seeds]
+        names = ", ".join(str(seed.seed) for seed in ctx.seeds)
+        ctx.step(f"training {spec.name} and {len(variants)} controls, seeds {names}")
+        jobs = [job for p in prepared for job in p.jobs]
+        data_keys = [data_key(job) for job in jobs]
+        fitted = fit_predict(jobs, ctx.cache.setdefault(("study-fits", spec.name), ResultMemo()),
+                             data_keys)
+        metric_memo = ctx.cache.setdefault(("study-metrics", spec.name), {})
+        start = 0
+        for p in prepared:
+            ctx.step(f"bootstrap of {spec.name} and its controls, seed {p.seed.seed}")
+            chunk = fitted[start : start + len(p.jobs)]
+            start += len(p.jobs)
+            result.seeds.append(_score(spec, p, chunk, setting, ctx.settings.n_bootstrap,
+                                       metric_memo))
+            result.tertile_summary = p.summary
         ctx.cache[key] = result
     return ctx.cache[key]

@@ -179,10 +179,13 @@ def _local_predict(model: _FallbackModel, Q: np.ndarray, kappa: float) -> np.nda
     tree, centre = model.tree()
     Qs = (Q - centre) / model.scale
     lists = tree.query_ball_point(Qs, r=LOCAL_RADIUS * kappa)
-    counts = np.fromiter((len(v) for v in lists), dtype=np.int64, count=m)
-    idx = np.concatenate([np.asarray(v, dtype=np.int64) for v in lists])
+    counts = np.fromiter(map(len, lists), dtype=np.int64, count=m)
+    idx = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(counts.sum()))
     qid = np.repeat(np.arange(m), counts)
-    D = ((Qs[qid] - tree.data[idx]) ** 2).sum(axis=1)
+    # Σ_k (q_k − x_k)², column by column: the additions of ``(...).sum(axis=1)``, in order
+    D = (Qs[qid, 0] - tree.data[idx, 0]) ** 2
+    for k in range(1, Qs.shape[1]):
+        D += (Qs[qid, k] - tree.data[idx, k]) ** 2
     W = np.exp(D * (-0.5 / (kappa * kappa)))
     num = np.bincount(qid, W * model.y[idx], minlength=m)
     den = np.bincount(qid, W, minlength=m)
@@ -227,6 +230,12 @@ def _prolongation(coarse_cells: int) -> sparse.csr_matrix:
     cols = np.concatenate([np.arange(m + 1), (start[:, None] + np.arange(4)).reshape(-1)])
     vals = np.concatenate([np.ones(m + 1), w.reshape(-1)])
     return sparse.csr_matrix((vals, (rows, cols)), shape=(2 * m + 1, m + 1))
+
+
+@functools.lru_cache(maxsize=64)
+def _restriction(coarse_cells: int) -> sparse.csr_matrix:
+    """The transpose of :func:`_prolongation` as CSR (built once per size)."""
+    return _prolongation(coarse_cells).T.tocsr()
 
 
 @dataclass
@@ -349,7 +358,7 @@ def _bin(geom: _Geometry, X: np.ndarray, weights: list[np.ndarray]) -> list[np.n
 def _restrict(g: np.ndarray, axis: int) -> np.ndarray:
     """Restriction to the next coarser level along one axis (transpose of cubic prolongation)."""
     fine = g.shape[axis] - 1
-    R = _prolongation(fine // 2).T.tocsr()
+    R = _restriction(fine // 2)
     moved = np.moveaxis(g, axis, 0)
     out = R @ moved.reshape(moved.shape[0], -1)
     return np.moveaxis(out.reshape((R.shape[0], *moved.shape[1:])), 0, axis)

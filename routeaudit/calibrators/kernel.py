@@ -94,6 +94,27 @@ class NadarayaWatson(BaseCalibrator):
         labels = [f"scott×{k:g}" for k in _check_grid(self.grid)]
         return {"bandwidth": [*labels, "cv_nll", "ece_oracle"]}
 
+    def equivalent_params(self) -> dict:
+        """The parameters with the bandwidth normalised: ``("fixed", κ)``, ``"cv_nll"`` or
+        ``"ece_oracle"`` (``"scott"`` with κ = 1 and ``"scott×1"`` are the same estimator).
+        Once fitted, a bandwidth chosen by CV or the oracle is the fixed κ it chose: the
+        fitted state (hence every prediction) is the one ``bandwidth=κ`` fits.
+
+        Two instances with equal ``equivalent_params()`` on the same data predict the same
+        numbers, bit for bit; the calibrator study reuses such fits across the sensitivity
+        grid (:func:`routeaudit.calibration.study.fit_key`).
+        """
+        params = self.get_params(deep=False)
+        try:
+            mode, kappa = parse_bandwidth(self.bandwidth, self.scott_multiplier)
+        except ValueError:
+            return params  # fit raises; nothing to share
+        params.pop("scott_multiplier")
+        if mode != "fixed" and hasattr(self, "kappa_"):
+            mode, kappa = "fixed", self.kappa_
+        params["bandwidth"] = ("fixed", float(kappa)) if mode == "fixed" else mode
+        return params
+
     def fit(self, X, y, oracle=None) -> NadarayaWatson:
         """Fit on (X, y); ``oracle=(X_eval, y_eval)`` is required iff ``bandwidth="ece_oracle"``."""
         mode, kappa = parse_bandwidth(self.bandwidth, self.scott_multiplier)

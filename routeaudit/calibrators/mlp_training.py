@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import routeaudit.calibrators._compiled as _compiled
 from routeaudit.calibrators.base import as_correctness, as_feature_matrix
 
 if TYPE_CHECKING:
@@ -98,11 +99,12 @@ def _unpack(flat: torch.Tensor, layers) -> list[tuple[torch.Tensor, torch.Tensor
     return out
 
 
-def _forward(flat: torch.Tensor, x: torch.Tensor, layers, keep: bool = False):
-    """Logits [B, m] of B models on x [B, m, d]; with ``keep`` also every layer's input."""
+def _forward(flat: torch.Tensor, x: torch.Tensor, layers, keep: bool = False, params=None):
+    """Logits [B, m] of B models on x [B, m, d]; with ``keep`` also every layer's input.
+    ``params``: ``_unpack(flat, layers)`` when the caller has it (views, reused per step)."""
     h = x
     inputs = []
-    params = _unpack(flat, layers)
+    params = _unpack(flat, layers) if params is None else params
     for k, (W, b) in enumerate(params):
         inputs.append(h)
         if W.shape[-1] == 1:
@@ -124,6 +126,7 @@ def _gradient(
     weight: torch.Tensor,
     layers,
     out: torch.Tensor | None = None,
+    params=None,
 ) -> torch.Tensor:
     """Gradient [B, P] of Σ_b Σ_i weight_bi · BCE(logit_bi, y_bi), by hand-written backprop.
 
@@ -131,7 +134,7 @@ def _gradient(
     gradient of its own mean loss. d BCE / d logit = sigmoid(logit) − y; ReLU passes the
     gradient where its output is positive.
     """
-    logits, inputs, params = _forward(flat, x, layers, keep=True)
+    logits, inputs, params = _forward(flat, x, layers, keep=True, params=params)
     delta = ((torch.sigmoid(logits) - y) * weight).unsqueeze(-1)  # [B, m, 1]
     grads = []
     for k in range(len(params) - 1, -1, -1):
@@ -259,7 +262,10 @@ class _MaskedAdam:
     """Adam with a leading model dimension; only rows in ``active`` are updated.
 
     Plain element-wise operations only (no fused ``alpha``/``addcdiv`` kernels), so a row's
-    update does not depend on where it sits in the batch.
+    update does not depend on where it sits in the batch. On CPU the update is two compiled
+    passes around torch's √v (:mod:`routeaudit.calibrators._compiled`: the same operations
+    in the same order, so the same numbers as the torch kernels, which other devices run;
+    torch's float32 sqrt is not always correctly rounded, so it stays torch's).
     """
 
     def __init__(self, shape, lr: float, weight_decay: float, device, dtype):
@@ -275,6 +281,13 @@ class _MaskedAdam:
         self.v = self.v.index_select(0, sel)
         self.t = self.t[keep]
 
+    @staticmethod
+    def _use_kernels(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> bool:
+        return (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
+                and all(t.is_contiguous() and t.dtype == p.dtype and not t.requires_grad
+                        for t in (p, g, m, v))
+                and _compiled.enabled())
+
     def step(
         self, p: torch.Tensor, g: torch.Tensor, active: np.ndarray, part: slice = slice(None)
     ) -> None:
@@ -283,6 +296,22 @@ class _MaskedAdam:
         if rows.size == 0:
             return
         p, m, v, tt = p[part], self.m[part], self.v[part], self.t[part]  # views
+        tt[rows] += 1
+        t = tt[rows].astype(np.float64)
+        if self._use_kernels(p, g, m, v):
+            # the same operations as below: moments compiled, √v by torch (on the same rows
+            # as below), the update compiled
+            dt = np.float32 if p.dtype == torch.float32 else np.float64
+            pn, mn = p.numpy(), m.numpy()
+            _compiled.kernel("adam_moments")(pn, g.numpy(), mn, v.numpy(), rows, dt(self.wd),
+                                             dt(_BETA1), dt(1.0 - _BETA1), dt(_BETA2),
+                                             dt(1.0 - _BETA2))
+            every = rows.size == p.shape[0]
+            root = (v if every else v.index_select(0, torch.as_tensor(rows))).sqrt()
+            _compiled.kernel("adam_update")(pn, mn, root.numpy(), rows,
+                                            (self.lr / (1.0 - _BETA1**t)).astype(dt),
+                                            np.sqrt(1.0 - _BETA2**t).astype(dt), dt(_EPS))
+            return
         every = rows.size == p.shape[0]
         sel = None if every else torch.as_tensor(rows, device=p.device)
         # in place on the state (or on row copies), ``g`` is consumed
@@ -290,8 +319,6 @@ class _MaskedAdam:
         ga = g if every else g.index_select(0, sel)
         ma = m if every else m.index_select(0, sel)
         va = v if every else v.index_select(0, sel)
-        tt[rows] += 1
-        t = tt[rows].astype(np.float64)
         step = torch.as_tensor(self.lr / (1.0 - _BETA1**t), dtype=p.dtype, device=p.device)
         bc2s = torch.as_tensor(np.sqrt(1.0 - _BETA2**t), dtype=p.dtype, device=p.device)
         if self.wd:
@@ -363,17 +390,20 @@ def _train(Ztr, ytr, Zva, yva, init, rngs, layers, cfg):
         we = me / me.sum(dim=2, keepdim=True).clamp(min=1.0)
         grad = torch.empty_like(flat)
         passes = _passes(L)
+        # views of each pass's parameters: ``flat`` is updated in place until the epoch ends
+        views = [(part, flat[part], _unpack(flat[part], layers), grad[part]) for part in passes]
         for s in range(steps):
-            for part in passes:  # cache-sized groups of networks
-                _gradient(flat[part], xe[s, part], ye[s, part], we[s, part], layers, out=grad[part])
+            for part, fp, params, gp in views:  # cache-sized groups of networks
+                _gradient(fp, xe[s, part], ye[s, part], we[s, part], layers, out=gp,
+                          params=params)
             opt.step(flat, grad, n_batches > s)  # element-wise: one pass for all networks
         vl = np.concatenate(
             [
-                _masked_bce(_forward(flat[part], Xva[part], layers), Yva[part], Mva[part])
+                _masked_bce(_forward(fp, Xva[part], layers, params=params), Yva[part], Mva[part])
                 .double()
                 .cpu()
                 .numpy()
-                for part in passes
+                for part, fp, params, _ in views
             ]
         )
         n_epochs[live] = epoch

@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BYTE_CAP", "DRAW_BITS", "counts", "counts_numpy", "picks_numpy", "segment_sums",
+__all__ = ["BYTE_CAP", "DRAW_BITS", "cell_sums", "counts", "counts_numpy", "picks_numpy", "segment_sums",
            "segment_sums_numpy", "segment_sums_torch"]
 
 #: Bits per bounded draw; tests lower it (with n < 2**bits) to force rejections.
@@ -171,6 +171,40 @@ def _segment_sums(key: np.uint64, key2: np.uint64, row0: int, rows: int, n_units
 
 
 segment_sums = _jit(_segment_sums, parallel=True)
+
+
+def _cell_sums(key: np.uint64, key2: np.uint64, row0: int, rows: int, n_units: int,
+               unit: np.ndarray, cell: np.ndarray, values: np.ndarray, tile: np.ndarray,
+               bits: int, n_threads: int, sums: np.ndarray, sizes: np.ndarray) -> None:
+    """Float cell sums of bootstrap replicates ``row0 .. row0 + rows - 1``, for M rows of data.
+
+    ``sums[r, j, c]`` = Σ w_i · ``values[j, i]`` over the examples i with ``cell[j, i] == c``
+    and ``sizes[r, t]`` = Σ w_i over the examples with ``tile[i] == t``, w_i being how often
+    replicate row0 + r picks example i (its unit ``unit[i]``; i itself when ``unit`` is
+    empty). Each sum adds ``float(w_i) * value`` in example order, as ``np.bincount`` does
+    with those weights, so the result is bit for bit the numpy expression's
+    (:func:`routeaudit.stats.bootstrap.bootstrap_worst_tile_ece`). Replicates are split over
+    threads, each computed whole by one thread.
+    """
+    m, n = values.shape
+    identity = unit.size == 0
+    for t in prange(n_threads):
+        w = np.empty(n_units, np.int64)
+        for r in range(t, rows, n_threads):
+            _count(key, key2, row0 + r, n_units, bits, 1 << 62, w)
+            out, size = sums[r], sizes[r]
+            out[:] = 0.0
+            size[:] = 0.0
+            for i in range(n):
+                size[tile[i]] += np.float64(w[i] if identity else w[unit[i]])
+            for j in range(m):
+                row, cj, oj = values[j], cell[j], out[j]
+                for i in range(n):
+                    wi = np.float64(w[i] if identity else w[unit[i]])
+                    oj[cj[i]] += wi * row[i]
+
+
+cell_sums = _jit(_cell_sums, parallel=True)
 
 
 @_jit

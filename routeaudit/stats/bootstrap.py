@@ -269,13 +269,33 @@ def bootstrap_worst_tile_ece(
             out[:, j] = np.where(np.isfinite(best), best, np.nan)
         return out
 
+    def worst_of_sums(sums: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """:func:`worst` from the compiled kernel's cell sums [R, M, cells] and tile sizes."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_tile = (np.abs(sums.reshape(-1, m, n_tiles, n_bins)).sum(axis=3)
+                        / sizes[:, None, :])
+        per_tile[np.broadcast_to(sizes[:, None, :] == 0, per_tile.shape)] = -np.inf
+        best = per_tile.max(axis=2)
+        return np.where(np.isfinite(best), best, np.nan)
+
     observed = worst(np.ones((1, n)))[0]
-    chunk = int(chunk_size) if chunk_size else max(1, _backend.CHUNK_KEYS // n)
+    bk, kernels = _compiled()
+    compiled = kernels.available()
+    chunk = int(chunk_size) if chunk_size else (
+        4096 if compiled else max(1, _backend.CHUNK_KEYS // n))
     reps = np.empty((int(n_boot), m))
     for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each vectorised
         rows = min(chunk, int(n_boot) - row0)
-        reps[row0 : row0 + rows] = worst(
-            resampling_counts(resampler, row0, rows, unit_of).astype(np.float64))
+        if compiled:  # counts, then one ordered pass per probe; the numpy path's bits
+            sums = np.empty((rows, m, cells))
+            sizes = np.empty((rows, n_tiles))
+            bk.cell_sums(np.uint64(resampler.key), np.uint64(resampler.key2), row0, rows,
+                         n_units, _IDENTITY if unit_of is None else unit_of, cell, residual, t,
+                         bk.DRAW_BITS, min(kernels.threads(), rows), sums, sizes)
+            reps[row0 : row0 + rows] = worst_of_sums(sums, sizes)
+        else:
+            reps[row0 : row0 + rows] = worst(
+                resampling_counts(resampler, row0, rows, unit_of).astype(np.float64))
     return observed, reps
 
 
