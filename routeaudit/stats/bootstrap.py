@@ -228,8 +228,10 @@ def bootstrap_worst_tile_ece(
     ``tiles`` the shared routing tile of each example (0..n_tiles-1). Every bootstrap
     replicate draws one multinomial resample of the n examples and applies it to all M
     probes at once, so differences between probes are paired. Bins are the (lo, hi] rule of
-    ECE15 on each probe's own calibrated confidence. Per replicate and probe the cell sums
-    are one ``bincount`` over (replicate, tile, bin): no loop over replicates or bins.
+    ECE15 on each probe's own calibrated confidence. Per replicate the compiled kernel counts
+    the picks and sums every probe's (tile, bin) cells in one ordered pass
+    (:func:`routeaudit.stats._bootstrap_kernels.cell_sums`); without numba one ``bincount``
+    over (replicate, tile, bin) per probe gives the same bits.
 
     Returns ``(observed [M], replicates [n_boot, M])``; a replicate in which every tile is
     empty is NaN (it cannot happen with n >= 1 and non-empty tiles, but is guarded).
