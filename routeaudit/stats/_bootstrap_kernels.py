@@ -37,8 +37,8 @@ except ImportError:  # pragma: no cover
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BYTE_CAP", "DRAW_BITS", "cell_sums", "counts", "counts_numpy", "picks_numpy", "segment_sums",
-           "segment_sums_numpy", "segment_sums_torch"]
+__all__ = ["BYTE_CAP", "DRAW_BITS", "cell_sums", "counts", "counts_numpy", "picks_numpy",
+           "segment_sums", "segment_sums_numpy", "segment_sums_torch"]
 
 #: Bits per bounded draw; tests lower it (with n < 2**bits) to force rejections.
 DRAW_BITS = 32
@@ -190,18 +190,20 @@ def _cell_sums(key: np.uint64, key2: np.uint64, row0: int, rows: int, n_units: i
     identity = unit.size == 0
     for t in prange(n_threads):
         w = np.empty(n_units, np.int64)
+        we = np.empty(n, np.float64)  # each example's weight, expanded once per replicate
         for r in range(t, rows, n_threads):
             _count(key, key2, row0 + r, n_units, bits, 1 << 62, w)
+            for i in range(n):
+                we[i] = np.float64(w[i] if identity else w[unit[i]])
             out, size = sums[r], sizes[r]
             out[:] = 0.0
             size[:] = 0.0
             for i in range(n):
-                size[tile[i]] += np.float64(w[i] if identity else w[unit[i]])
+                size[tile[i]] += we[i]
             for j in range(m):
                 row, cj, oj = values[j], cell[j], out[j]
                 for i in range(n):
-                    wi = np.float64(w[i] if identity else w[unit[i]])
-                    oj[cj[i]] += wi * row[i]
+                    oj[cj[i]] += we[i] * row[i]
 
 
 cell_sums = _jit(_cell_sums, parallel=True)

@@ -254,25 +254,22 @@ def bootstrap_worst_tile_ece(
     cell = np.stack([t * n_bins + bin_indices(np.clip(row, 0.0, 1.0), n_bins) for row in p])
     residual = p - y[None, :]
 
-    def worst(weights: np.ndarray) -> np.ndarray:
-        """Worst-tile ECE per (replicate, probe) for example weights [R, n]."""
+    def cell_sums(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cell sums [R, M, cells] and tile sizes [R, tiles] for example weights [R, n] (the
+        numpy path: one ``bincount`` per probe, vectorised over replicates)."""
         rows = weights.shape[0]
         sizes = np.bincount((np.arange(rows)[:, None] * n_tiles + t).ravel(),
                             weights=weights.ravel(), minlength=rows * n_tiles).reshape(rows, n_tiles)
-        out = np.empty((rows, m))
+        sums = np.empty((rows, m, cells))
         offset = (np.arange(rows) * cells)[:, None]
-        for j in range(m):  # probes (a handful), each fully vectorised over replicates
-            sums = np.bincount((offset + cell[j]).ravel(), weights=(weights * residual[j]).ravel(),
-                               minlength=rows * cells).reshape(rows, n_tiles, n_bins)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                per_tile = np.abs(sums).sum(axis=2) / sizes
-            per_tile[sizes == 0] = -np.inf
-            best = per_tile.max(axis=1)
-            out[:, j] = np.where(np.isfinite(best), best, np.nan)
-        return out
+        for j in range(m):  # probes (a handful)
+            sums[:, j] = np.bincount((offset + cell[j]).ravel(),
+                                     weights=(weights * residual[j]).ravel(),
+                                     minlength=rows * cells).reshape(rows, cells)
+        return sums, sizes
 
-    def worst_of_sums(sums: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-        """:func:`worst` from the compiled kernel's cell sums [R, M, cells] and tile sizes."""
+    def worst(sums: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+        """Worst-tile ECE per (replicate, probe) from cell sums and tile sizes."""
         with np.errstate(invalid="ignore", divide="ignore"):
             per_tile = (np.abs(sums.reshape(-1, m, n_tiles, n_bins)).sum(axis=3)
                         / sizes[:, None, :])
@@ -280,7 +277,7 @@ def bootstrap_worst_tile_ece(
         best = per_tile.max(axis=2)
         return np.where(np.isfinite(best), best, np.nan)
 
-    observed = worst(np.ones((1, n)))[0]
+    observed = worst(*cell_sums(np.ones((1, n))))[0]
     bk, kernels = _compiled()
     compiled = kernels.available()
     chunk = int(chunk_size) if chunk_size else (
@@ -288,16 +285,16 @@ def bootstrap_worst_tile_ece(
     reps = np.empty((int(n_boot), m))
     for row0 in range(0, int(n_boot), chunk):  # chunks of replicates, each vectorised
         rows = min(chunk, int(n_boot) - row0)
-        if compiled:  # counts, then one ordered pass per probe; the numpy path's bits
+        if compiled:  # counts, then one ordered pass per probe: the numpy path's bits
             sums = np.empty((rows, m, cells))
             sizes = np.empty((rows, n_tiles))
             bk.cell_sums(np.uint64(resampler.key), np.uint64(resampler.key2), row0, rows,
                          n_units, _IDENTITY if unit_of is None else unit_of, cell, residual, t,
                          bk.DRAW_BITS, min(kernels.threads(), rows), sums, sizes)
-            reps[row0 : row0 + rows] = worst_of_sums(sums, sizes)
         else:
-            reps[row0 : row0 + rows] = worst(
+            sums, sizes = cell_sums(
                 resampling_counts(resampler, row0, rows, unit_of).astype(np.float64))
+        reps[row0 : row0 + rows] = worst(sums, sizes)
     return observed, reps
 
 
