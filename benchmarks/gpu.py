@@ -30,7 +30,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._output import Tee
 from benchmarks.speed import mlp_problem, permutation_workload
 from routeaudit.calibrators import fit_many
-from routeaudit.stats import bootstrap_gap, rng_for, within_bin_permutation_test
+from routeaudit.stats import (
+    bootstrap_gap,
+    confidence_bins,
+    rng_for,
+    within_bin_permutation_test,
+)
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -74,7 +79,7 @@ def permutation(n: int, n_perm: int, n_summaries: int, repeats: int) -> None:
 def bootstrap(n: int, n_boot: int, repeats: int) -> None:
     gen = np.random.default_rng(0)
     conf = gen.uniform(0.3, 1.0, n)
-    bins = np.minimum((conf - 0.3) / 0.7 * 15, 14).astype(np.int64)
+    bins = confidence_bins(conf, 15)
     strata = gen.integers(0, 3, n)
     residual = (gen.random(n) < conf) - conf
 
