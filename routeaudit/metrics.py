@@ -995,23 +995,38 @@ def _linear_grid(f: np.ndarray, n_grid: int) -> tuple[np.ndarray, np.ndarray]:
     return left, w_right
 
 
-def _reflected_smooth(grid: np.ndarray, sigma: float) -> np.ndarray:
+def _reflected_spectrum(grid: np.ndarray) -> tuple[np.ndarray, int]:
+    """Real FFT of ``grid`` (rows, G) mirrored about both end points (without repeating
+    them), at the length of the full linear convolution with a G-tap kernel rounded up to a
+    fast FFT size; returns ``(spectrum, fft length)``. It depends on the data alone, so
+    :class:`_SmoothEce` computes it once per grid size, not once per bandwidth."""
+    import scipy.fft as sfft  # light (the heavy scipy.signal is not needed)
+
+    n_grid = grid.shape[1]
+    ext = np.pad(grid, ((0, 0), (n_grid - 1, n_grid - 1)), mode="reflect")
+    n_fft = sfft.next_fast_len(ext.shape[1] + n_grid - 1, True)
+    return sfft.rfft(ext, n_fft, axis=1), n_fft
+
+
+def _reflected_smooth(spectrum: np.ndarray, n_fft: int, n_grid: int, sigma: float) -> np.ndarray:
     """Gaussian smoothing of grid values with reflection at 0 and 1 (relplot 1.0.3).
 
-    ``grid`` has shape (rows, G). The data are mirrored about both end points (without
-    repeating them), convolved with a Gaussian of std ``sigma`` truncated to half-width 1/2
-    and sampled at the grid spacing (unnormalised, as relplot), and cut back to G points.
-    For even G the kernel has no centre tap, so the result is shifted by half a cell,
-    exactly as in relplot.
+    ``spectrum`` is :func:`_reflected_spectrum` of the (rows, G) grid. The mirrored data are
+    convolved with a Gaussian of std ``sigma`` truncated to half-width 1/2 and sampled at the
+    grid spacing (unnormalised, as relplot), and cut back to G points. For even G the kernel
+    has no centre tap, so the result is shifted by half a cell, exactly as in relplot. The
+    steps are ``scipy.signal.fftconvolve(..., mode="valid")``'s (same FFT length, same
+    calls), so the numbers are its numbers (``tests/test_metrics.py``).
     """
-    n_grid = grid.shape[1]
+    import scipy.fft as sfft
+
     t = np.linspace(0.0, 1.0, n_grid)
     kernel = np.exp(-((t - 0.5) ** 2) / (2.0 * sigma * sigma)) / (math.sqrt(2 * math.pi) * sigma)
-    ext = np.pad(grid, ((0, 0), (n_grid - 1, n_grid - 1)), mode="reflect")
-    from scipy.signal import fftconvolve  # heavy import: only when SmoothECE is computed
-
-    full = fftconvolve(ext, kernel[None, :], mode="valid", axes=1)
-    return full[:, n_grid // 2 : n_grid // 2 + n_grid]
+    full = sfft.irfft(spectrum * sfft.rfft(kernel, n_fft), n_fft, axis=1)
+    # 'valid' part of the full convolution (length 3G - 2 + G - 1) starts at G - 1; relplot
+    # keeps G points of it from G // 2 on
+    start = n_grid - 1 + n_grid // 2
+    return full[:, start : start + n_grid]
 
 
 class _SmoothEce:
@@ -1021,6 +1036,7 @@ class _SmoothEce:
         self.f = f
         self.r = residual
         self._grids: dict[int, np.ndarray] = {}
+        self._spectra: dict[int, tuple[np.ndarray, int]] = {}
 
     def _grid(self, n_grid: int) -> np.ndarray:
         g = self._grids.get(n_grid)
@@ -1039,7 +1055,10 @@ class _SmoothEce:
         # Grid and evaluation sizes are relplot 1.0.3's (Python's round, half to even).
         n_grid = max(2000, round(20.0 / sigma)) // 2 + 1
         n_eval = max(round(10.0 / sigma), 200)
-        smooth = _reflected_smooth(self._grid(n_grid), sigma)
+        spectrum = self._spectra.get(n_grid)
+        if spectrum is None:
+            spectrum = self._spectra[n_grid] = _reflected_spectrum(self._grid(n_grid))
+        smooth = _reflected_smooth(*spectrum, n_grid, sigma)
         t = np.linspace(0.0, 1.0, n_eval)
         grid_x = np.linspace(0.0, 1.0, n_grid)
         resid = np.interp(t, grid_x, smooth[0])

@@ -346,6 +346,26 @@ def test_smooth_ece_vs_relplot(main_data, sat_data):
             assert smooth_ece(conf, correct, sigma=s) == pytest.approx(want, abs=1e-9), (name, s)
 
 
+def test_reflected_smooth_is_fftconvolve_bit_for_bit():
+    """The cached-spectrum smoothing performs ``scipy.signal.fftconvolve``'s steps: the same
+    numbers, not merely close (odd and even grid sizes)."""
+    from scipy.signal import fftconvolve
+
+    rng = np.random.default_rng(3)
+    for n_grid in (1001, 1000, 2042, 7):
+        grid = rng.normal(size=(2, n_grid))
+        spectrum, n_fft = metrics._reflected_spectrum(grid)
+        for sigma in (0.5, 0.05, 0.0049):
+            t = np.linspace(0.0, 1.0, n_grid)
+            kernel = (np.exp(-((t - 0.5) ** 2) / (2.0 * sigma * sigma))
+                      / (math.sqrt(2 * math.pi) * sigma))
+            ext = np.pad(grid, ((0, 0), (n_grid - 1, n_grid - 1)), mode="reflect")
+            full = fftconvolve(ext, kernel[None, :], mode="valid", axes=1)
+            want = full[:, n_grid // 2 : n_grid // 2 + n_grid]
+            got = metrics._reflected_smooth(spectrum, n_fft, n_grid, sigma)
+            np.testing.assert_array_equal(got, want)
+
+
 def test_smooth_ece_small_sigma_vs_relplot():
     """Well calibrated data push σ* below 0.01, where relplot's grid grows with 1/σ."""
     rng = np.random.default_rng(5)
