@@ -11,7 +11,6 @@ import importlib
 
 import numpy as np
 import pytest
-import torch
 
 from routeaudit import metrics
 from routeaudit.audit import SeedData
@@ -133,30 +132,6 @@ def test_score_equals_the_plain_bootstrap_and_metrics(seeds):
                 assert got.metrics[key] == want
     # one entry per distinct vector; the second setting computed nothing new
     assert sizes[1] == len(memo) == len(seeds) * 7  # the derived twin = the entropy probe
-
-
-def test_compiled_adam_equals_the_torch_expressions(monkeypatch):
-    from routeaudit.calibrators import _compiled
-    from routeaudit.calibrators.mlp_training import _MaskedAdam
-
-    if not _compiled.enabled():
-        pytest.skip("compiled kernels are off")
-    rng = np.random.default_rng(0)
-    init = (rng.normal(size=(5, 301)) * 0.1).astype(np.float32)
-    grads = [(rng.normal(size=(5, 301)) * 10.0 ** rng.integers(-6, 0)).astype(np.float32)
-             for _ in range(12)]
-    actives = [np.ones(5, bool), np.array([True, False, True, True, False])] * 6
-    state = {}
-    for use in (True, False):
-        monkeypatch.setattr(_MaskedAdam, "_use_kernels", staticmethod(lambda *a, u=use: u))
-        p = torch.tensor(init)
-        opt = _MaskedAdam(p.shape, lr=1e-3, weight_decay=1e-4, device="cpu", dtype=torch.float32)
-        for g, active in zip(grads, actives, strict=True):
-            opt.step(p, torch.tensor(g), active)
-        state[use] = (p.numpy().copy(), opt.m.numpy().copy(), opt.v.numpy().copy(), opt.t.copy())
-    for a, b in zip(state[True], state[False], strict=True):
-        np.testing.assert_array_equal(a, b)
-    assert not np.array_equal(state[True][0], init)
 
 
 def test_a_full_memo_recomputes_instead_of_growing(seeds):

@@ -86,22 +86,29 @@ def test_importing_the_registry_loads_no_torch_and_no_heavy_scipy():
     assert loaded == {}, f"imported at import time (module: first importer): {loaded}"
 
 
-def test_fit_many_loads_torch_only_when_called():
-    loaded, out = run_fresh(
-        """
+def test_fit_many_loads_its_trainer_only_when_called():
+    """On CPU the compiled trainer runs and torch is never imported; with compiled kernels
+    off the torch trainer runs (and imports torch) on the first fit."""
+    code = """
         import numpy as np
+        import routeaudit.stats._kernels as kernels
         from routeaudit.calibrators import fit_many
-        print("BEFORE", "torch" in sys.modules)
+        kernels.USE_NUMBA = {use_numba}
+        print("BEFORE", "torch" in sys.modules, "routeaudit.calibrators.mlp_training" in sys.modules)
         rng = np.random.default_rng(0)
         X = rng.random((200, 2))
         y = (rng.random(200) < X[:, 0]).astype(float)
         (model,) = fit_many([X], [y], [0], max_epochs=2, restarts=1)
         print("AFTER", "torch" in sys.modules, model.n_epochs_)
         """
-    )
-    assert "BEFORE False" in out
+    loaded, out = run_fresh(code.format(use_numba=True))
+    assert "BEFORE False False" in out
+    assert "AFTER False 2" in out
+    assert "torch" not in loaded
+    loaded, out = run_fresh(code.format(use_numba=False))
+    assert "BEFORE False False" in out
     assert "AFTER True 2" in out
-    assert "torch" in loaded
+    assert "mlp_torch.py" in loaded["torch"], loaded["torch"]
 
 
 def test_fitted_mlp_predicts_without_torch():
@@ -123,3 +130,19 @@ def test_fitted_mlp_predicts_without_torch():
     assert "torch" not in loaded, loaded
     line = next(x for x in out.splitlines() if x.startswith("PRED "))
     assert line[len("PRED ") :] == est.predict(X).tobytes().hex()
+
+
+def test_exact_nadaraya_watson_on_cpu_loads_no_torch():
+    loaded, out = run_fresh(
+        """
+        import numpy as np
+        from routeaudit.calibrators import NadarayaWatson
+        rng = np.random.default_rng(0)
+        X = rng.random((300, 2))
+        y = (rng.random(300) < X[:, 0]).astype(float)
+        p = NadarayaWatson(method="exact").fit(X, y).predict(X[:20])
+        print("OK", bool(np.isfinite(p).all()))
+        """
+    )
+    assert "OK True" in out
+    assert "torch" not in loaded, loaded

@@ -69,12 +69,17 @@ def test_bootstrap_gap_on_cuda_equals_cpu():
     np.testing.assert_array_equal(cpu[2], gpu[2])
 
 
-def test_mlp_on_cuda_predicts_as_on_cpu():
-    """Float reductions differ between devices, so the MLP agrees to rounding, not bit for bit."""
+@pytest.mark.parametrize("cpu_trainer", ["compiled", "torch"])
+def test_mlp_on_cuda_predicts_as_on_cpu(monkeypatch, cpu_trainer):
+    """Float reductions differ between devices, so the MLP agrees to rounding, not bit for
+    bit, with either CPU trainer (compiled by default; batched torch, the code CUDA runs)."""
     gen = np.random.default_rng(0)
     X = gen.normal(size=(3000, 5))
     y = (gen.random(3000) < 1 / (1 + np.exp(-X[:, 0]))).astype(np.float64)
     params = dict(hidden_layer_sizes=(32, 32), max_epochs=5, patience=5, restarts=2)
-    cpu = fit_many([X], [y], [1], **params)[0]
+    with monkeypatch.context() as mp:
+        if cpu_trainer == "torch":
+            mp.setattr("routeaudit.stats._kernels.USE_NUMBA", False)
+        cpu = fit_many([X], [y], [1], **params)[0]
     gpu = fit_many([X], [y], [1], device="cuda", **params)[0]
     np.testing.assert_allclose(gpu.predict(X), cpu.predict(X), atol=1e-4)

@@ -102,6 +102,26 @@ def test_exact_matches_double_loop(d):
     np.testing.assert_allclose(num / den, naive_nw(X, y, Q, est.bandwidth_), rtol=0, atol=1e-12)
 
 
+def test_exact_sums_numpy_on_cpu_and_torch_agree(monkeypatch):
+    """The exact sums run on numpy on CPU and on torch elsewhere: the same steps, chunked
+    alike, so equal to float64 rounding (torch on CPU stands in for a GPU here)."""
+    import torch
+
+    rng = np.random.default_rng(8)
+    X, Q = rng.normal(size=(500, 3)), rng.normal(size=(70, 3))
+    y = (rng.random(500) < 0.5).astype(float)
+    monkeypatch.setattr(kde, "_CHUNK_ELEMS", 500 * 16)  # several query chunks
+    kappas = [0.25, 1.0, 3.0]
+    num, den = kde._kernel_sums(X, y, Q, kappas, "cpu")
+    tnum, tden = kde._dense_kernel_sums(torch, X, y, Q, kappas, torch.device("cpu"))
+    np.testing.assert_allclose(num, tnum, rtol=1e-13, atol=1e-300)
+    np.testing.assert_allclose(den, tden, rtol=1e-13, atol=1e-300)
+    for k, kappa in enumerate(kappas):  # and the obvious loop
+        w = np.exp(-0.5 * ((Q[:, None, :] - X[None, :, :]) ** 2).sum(-1) / kappa**2)
+        np.testing.assert_allclose(den[k], w.sum(1), rtol=1e-12)
+        np.testing.assert_allclose(num[k], w @ y, rtol=1e-12)
+
+
 def test_exact_matches_statsmodels_kernelreg():
     from statsmodels.nonparametric.kernel_regression import KernelReg
 

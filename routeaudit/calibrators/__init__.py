@@ -7,7 +7,8 @@
 * routing-aware: :class:`NadarayaWatson` / :class:`ARCondCal` (docs/methods.md §2.6;
   estimators in ``kernel``, the evaluation engine in ``kde``, bandwidth selection in
   ``bandwidth``) and :class:`MLPCalibrator` with the batched trainer :func:`fit_many`
-  (§2.7; the estimator in ``mlp``, the torch trainer in ``mlp_training``);
+  (§2.7; the estimator in ``mlp``, training in ``mlp_training`` on the compiled CPU trainer
+  ``mlp_compiled`` or the batched torch trainer ``mlp_torch``);
 * routing-robust (MoE): :class:`RoutingRobustCalibrator` (docs/methods.md §4: per-expert
   Platt scaling fitted against the worst routing shift; ``routing_robust``, and its control
   without the adversary ``per_expert_platt``).

@@ -37,7 +37,7 @@ Two evaluation methods:
   are cached, so a held-out group is "all groups − one group" in Fourier space.
   For d ≥ 3 the exact method is used.
 
-torch (exact sums), ``scipy.fft``, ``scipy.sparse`` and ``scipy.spatial.cKDTree`` are
+torch (exact sums on a GPU), ``scipy.fft``, ``scipy.sparse`` and ``scipy.spatial.cKDTree`` are
 imported inside the functions that use them, so importing this module is cheap.
 """
 
@@ -66,29 +66,41 @@ LOCAL_RADIUS = 10.0  #: binned-mode exact re-evaluation sums over points within 
 
 # =========================================================================== exact
 def _kernel_sums(Xs: np.ndarray, y: np.ndarray, Qs: np.ndarray, kappas, device) -> tuple:
-    """Σ_j W y_j and Σ_j W for W = exp(−½‖q − x_j‖² / κ²), one row per κ (inputs pre-scaled)."""
+    """Σ_j W y_j and Σ_j W for W = exp(−½‖q − x_j‖² / κ²), one row per κ (inputs pre-scaled):
+    numpy on CPU (no torch import), torch on other devices; the same steps either way, equal
+    to ~1e-15 (``tests/test_kernel.py``)."""
+    if str(device) == "cpu":
+        return _dense_kernel_sums(np, Xs, y, Qs, kappas, None)
     import torch
 
-    dev = torch.device(device)
-    X = torch.as_tensor(Xs, dtype=torch.float64, device=dev)
-    Q = torch.as_tensor(Qs, dtype=torch.float64, device=dev)
-    yt = torch.as_tensor(y, dtype=torch.float64, device=dev)
+    return _dense_kernel_sums(torch, Xs, y, Qs, kappas, torch.device(device))
+
+
+def _dense_kernel_sums(xp, Xs, y, Qs, kappas, device) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_kernel_sums` with the array module ``xp`` (numpy, or torch on ``device``), over
+    [chunk, n] blocks of squared distances."""
+    if xp is np:
+        X, Q, yt = (np.asarray(a, dtype=np.float64) for a in (Xs, Qs, y))
+    else:
+        X, Q, yt = (xp.as_tensor(a, dtype=xp.float64, device=device) for a in (Xs, Qs, y))
     n, d = X.shape
     m = Q.shape[0]
     kappas = [float(k) for k in kappas]
-    num = torch.empty((len(kappas), m), dtype=torch.float64, device=dev)
-    den = torch.empty_like(num)
+    num = np.empty((len(kappas), m))
+    den = np.empty_like(num)
     chunk = max(1, _CHUNK_ELEMS // max(n, 1))
     for start in range(0, m, chunk):
         q = Q[start : start + chunk]
-        D = (q[:, None, 0] - X[None, :, 0]).square_()
+        D = (q[:, None, 0] - X[None, :, 0]) ** 2
         for j in range(1, d):
-            D += (q[:, None, j] - X[None, :, j]).square_()
+            D += (q[:, None, j] - X[None, :, j]) ** 2
         for k, kappa in enumerate(kappas):
-            W = torch.exp(D * (-0.5 / (kappa * kappa)))
-            num[k, start : start + chunk] = W @ yt
-            den[k, start : start + chunk] = W.sum(dim=1)
-    return num.cpu().numpy(), den.cpu().numpy()
+            W = xp.exp(D * (-0.5 / (kappa * kappa)))
+            sums = (W @ yt, W.sum(1))
+            if xp is not np:
+                sums = tuple(a.cpu().numpy() for a in sums)
+            num[k, start : start + chunk], den[k, start : start + chunk] = sums
+    return num, den
 
 
 def kernel_sums(X_fit, y_fit, X_query, bandwidth, device="cpu") -> tuple[np.ndarray, np.ndarray]:

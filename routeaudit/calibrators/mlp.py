@@ -128,8 +128,8 @@ def fit_many(
     batched network. Every X must have the same number of columns; the numbers of rows
     may differ (shorter models are padded and masked). Deterministic on CPU given seeds.
 
-    The batched torch trainer is :func:`routeaudit.calibrators.mlp_training.fit_templates`;
-    it (and torch) is imported on the first call that has models to train.
+    Training is :func:`routeaudit.calibrators.mlp_training.fit_templates` (compiled on CPU,
+    batched torch on GPUs), imported on the first call that has models to train.
     """
     if not (len(Xs) == len(ys) == len(seeds)):
         raise ValueError(f"Xs, ys and seeds differ in length: {len(Xs)}, {len(ys)}, {len(seeds)}")

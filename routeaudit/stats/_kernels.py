@@ -89,9 +89,12 @@ LANES = 64
 USE_NUMBA = os.environ.get("ROUTEAUDIT_NUMBA", "1") != "0"
 
 
-def _jit(fn: Callable[..., Any], parallel: bool = False) -> Callable[..., Any]:
+def _jit(fn: Callable[..., Any], parallel: bool = False, error_model: str = "python"
+         ) -> Callable[..., Any]:
     """``numba.njit(cache=True)``; a plain function when numba is missing. ``parallel``
     compiles ``numba.prange`` loops for threads (:func:`threads` says how many).
+    ``error_model="numpy"`` drops Python's zero-division checks (x / 0 gives inf or nan, as
+    in numpy), whose branches keep float loops from vectorising.
 
     Without a writable cache directory (a read-only install and no ``NUMBA_CACHE_DIR``)
     numba refuses ``cache=True`` when the decorator runs; the kernels are then compiled once
@@ -100,7 +103,8 @@ def _jit(fn: Callable[..., Any], parallel: bool = False) -> Callable[..., Any]:
     if numba is None:
         return fn
     try:
-        return numba.njit(cache=True, nogil=True, parallel=parallel)(fn)
+        return numba.njit(cache=True, nogil=True, parallel=parallel,
+                          error_model=error_model)(fn)
     except RuntimeError:  # "cannot cache function ...: no locator available"
         if not _NO_CACHE:
             warnings.warn(
@@ -110,7 +114,8 @@ def _jit(fn: Callable[..., Any], parallel: bool = False) -> Callable[..., Any]:
                 stacklevel=2,
             )
         _NO_CACHE.append(fn.__name__)
-        return numba.njit(cache=False, nogil=True, parallel=parallel)(fn)
+        return numba.njit(cache=False, nogil=True, parallel=parallel,
+                          error_model=error_model)(fn)
 
 
 _NO_CACHE: list[str] = []
