@@ -1011,6 +1011,30 @@ def _sklearn_fit_all(
     return epochs
 
 
+def _mlp_gemm_floor(steps: int, repeats: int = 3) -> tuple[Timing, float]:
+    """Time of ``steps`` minibatch steps' three large matrix products alone (forward 64→64,
+    its weight gradient and the δ below, each 256 × 64 × 64 in float32, numpy's BLAS): what
+    any trainer of this network must spend. Returns the timing and the GFLOP/s reached."""
+    rng = np.random.default_rng(0)
+    a, d = (rng.normal(size=(256, 64)).astype(np.float32) for _ in range(2))
+    W = rng.normal(size=(64, 64)).astype(np.float32)
+    out = [np.empty((256, 64), np.float32), np.empty((64, 64), np.float32),
+           np.empty((256, 64), np.float32)]
+    block = 1000
+
+    def run() -> None:
+        for _ in range(-(-steps // block)):
+            for _ in range(block):
+                np.matmul(a, W, out=out[0])
+                np.matmul(a.T, d, out=out[1])
+                np.matmul(d, W.T, out=out[2])
+
+    timing, _ = measure(run, repeats)
+    n_calls = -(-steps // block) * block
+    gflops = 3 * 2 * 256 * 64 * 64 * n_calls / timing.median / 1e9
+    return Timing(timing.times, steps / n_calls, timing.cpu), gflops
+
+
 def bench_mlp(size: Size = "full") -> Section:
     cfg = MLP_SIZES[size]
     Xs, ys, ss = [], [], []
@@ -1028,14 +1052,23 @@ def bench_mlp(size: Size = "full") -> Section:
     )
     fit_many(Xs[:1], ys[:1], ss[:1], restarts=1, max_epochs=1)  # warm-up
 
-    def ours(**kw: Any) -> int:
-        models = fit_many(Xs, ys, ss, restarts=restarts, **kw)
+    def ours(trainer: str = "compiled", **kw: Any) -> int:
+        import routeaudit.stats._kernels as kernels
+
+        before = kernels.USE_NUMBA
+        kernels.USE_NUMBA = trainer == "compiled"  # off: the batched torch trainer on CPU
+        try:
+            models = fit_many(Xs, ys, ss, restarts=restarts, **kw)
+        finally:
+            kernels.USE_NUMBA = before
         return int(sum(m.restart_n_epochs_.sum() for m in models))
 
+    ours("torch", max_epochs=1)  # warm-up (imports torch)
     table = Table("each with its own early stopping (patience 10)", "routeaudit fit_many")
     timed = measure_interleaved(
         {
             "ours": (lambda: ours(max_epochs=cap), cfg["repeats"]),
+            "ours torch": (lambda: ours("torch", max_epochs=cap), cfg["repeats"]),
             "sklearn": (lambda: _sklearn_fit_all(Xs, ys, ss, restarts, cap), cfg["repeats"]),
             "ours fixed": (lambda: ours(max_epochs=fixed, patience=fixed), cfg["repeats"]),
             "sklearn fixed": (
@@ -1051,10 +1084,26 @@ def bench_mlp(size: Size = "full") -> Section:
         t_ours,
         f"{ep_ours} network-epochs, {t_ours.median / ep_ours * 1e3:.1f} ms each",
     )
+    t_torch, ep_torch = timed["ours torch"]
+    table.add(
+        "routeaudit, torch trainer",
+        t_torch,
+        f"{ep_torch} network-epochs, {t_torch.median / ep_torch * 1e3:.1f} ms each (batched torch on "
+        "CPU: the GPU trainer, and the CPU one without numba)",
+    )
     table.add(
         "sklearn one by one",
         t_sk,
         f"{ep_sk} network-epochs, {t_sk.median / ep_sk * 1e3:.1f} ms each (float64; stops on val. accuracy)",
+    )
+    n_train = len(Xs[0]) - round(0.2 * len(Xs[0]))
+    steps = ep_ours * -(-n_train // 256)
+    floor, gflops = _mlp_gemm_floor(steps)
+    table.add(
+        "floor: the matrix products",
+        floor,
+        f"{steps:,} minibatch steps x the three 256x64x64 products of a step (BLAS, "
+        f"{gflops:.0f} GFLOP/s), nothing else",
     )
     sec.tables.append(table)
     equal = Table(
