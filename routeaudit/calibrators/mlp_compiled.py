@@ -145,8 +145,7 @@ def mlp_epoch(flat, m, v, t, X, Y, idx, counts, w_off, b_off, fan_in, fan_out, l
 
 
 @_jit
-def mlp_val_loss(flat, X, Y, n_rows, w_off, b_off, fan_in, fan_out, block
-                         ):
+def mlp_val_loss(flat, X, Y, n_rows, w_off, b_off, fan_in, fan_out, block):
     """Mean BCE (float64) of each network's logits on its first ``n_rows[k]`` rows of
     ``X[k]`` / ``Y[k]``, forwarded ``block`` rows at a time."""
     B = flat.shape[0]
