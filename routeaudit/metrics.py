@@ -1030,25 +1030,23 @@ def _reflected_smooth(spectrum: np.ndarray, n_fft: int, n_grid: int, sigma: floa
 
 
 class _SmoothEce:
-    """SmoothECE at any bandwidth for fixed data, caching the grid binning per grid size."""
+    """SmoothECE at any bandwidth for fixed data, caching the binned data's spectrum per grid
+    size (the bisection evaluates many bandwidths on the same grid)."""
 
     def __init__(self, f: np.ndarray, residual: np.ndarray) -> None:
         self.f = f
         self.r = residual
-        self._grids: dict[int, np.ndarray] = {}
         self._spectra: dict[int, tuple[np.ndarray, int]] = {}
 
     def _grid(self, n_grid: int) -> np.ndarray:
-        g = self._grids.get(n_grid)
-        if g is None:
-            left, w = _linear_grid(self.f, n_grid)
-            g = np.empty((2, n_grid))
-            # row 0: residual mass, row 1: point mass (density)
-            g[0] = np.bincount(left, (1.0 - w) * self.r, n_grid)
-            g[0] += np.bincount(left + 1, w * self.r, n_grid)
-            g[1] = np.bincount(left, 1.0 - w, n_grid)
-            g[1] += np.bincount(left + 1, w, n_grid)
-            self._grids[n_grid] = g
+        """The data linearly binned onto ``n_grid`` points: row 0 residual mass, row 1 point
+        mass (density)."""
+        left, w = _linear_grid(self.f, n_grid)
+        g = np.empty((2, n_grid))
+        g[0] = np.bincount(left, (1.0 - w) * self.r, n_grid)
+        g[0] += np.bincount(left + 1, w * self.r, n_grid)
+        g[1] = np.bincount(left, 1.0 - w, n_grid)
+        g[1] += np.bincount(left + 1, w, n_grid)
         return g
 
     def __call__(self, sigma: float) -> float:

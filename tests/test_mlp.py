@@ -243,7 +243,7 @@ def test_networks_per_pass_does_not_change_the_result(monkeypatch):
 
 
 def _trainers(layers, n_nets=4, seed=0):
-    """The same networks on both trainers: (compiled, torch, minibatch rngs, row counts)."""
+    """The same networks on both trainers: (compiled, torch, training rows per network)."""
     from routeaudit.calibrators import mlp_training as tr
     from routeaudit.calibrators.mlp_compiled import CompiledNetworks
     from routeaudit.calibrators.mlp_torch import TorchNetworks
@@ -257,8 +257,10 @@ def _trainers(layers, n_nets=4, seed=0):
     yva = [(rng.random(z.shape[0]) < 0.5).astype(float) for z in Zva]
     init = np.stack([tr._init_flat(rng, layers) for _ in sizes])
     adam = dict(lr=1e-2, weight_decay=1e-3, betas=(0.9, 0.999), eps=1e-8)
-    compiled = CompiledNetworks(Ztr, ytr, Zva, yva, init, layers, adam)
-    torch_nets = TorchNetworks(Ztr, ytr, Zva, yva, init, layers, adam, "cpu")
+    data = (tr._pad_rows(Ztr, (d,)), tr._pad_rows(ytr), tr._pad_rows(Zva, (d,)),
+            tr._pad_rows(yva), np.array([z.shape[0] for z in Zva]))
+    compiled = CompiledNetworks(*data, init, layers, adam)
+    torch_nets = TorchNetworks(*data, init, layers, adam, "cpu")
     return compiled, torch_nets, np.array(sizes)
 
 

@@ -186,26 +186,20 @@ def _layout(layers) -> tuple[np.ndarray, ...]:
     return tuple(np.asarray(a, dtype=np.int64) for a in (w_off, b_off, fan_in, fan_out))
 
 
-def _stack_rows(arrays, width: int, trailing: tuple) -> np.ndarray:
-    out = np.zeros((len(arrays), width, *trailing), dtype=np.float32)
-    for b, a in enumerate(arrays):
-        out[b, : a.shape[0]] = a
-    return out
-
-
 class CompiledNetworks:
     """B networks being trained on CPU by the compiled kernels (the trainer interface of
-    :func:`routeaudit.calibrators.mlp_training.train`), as float32 numpy arrays."""
+    :func:`routeaudit.calibrators.mlp_training.train`), as float32 numpy arrays.
+
+    Data come zero-padded: ``Xtr`` [B, rows, d], ``Ytr`` [B, rows], ``Xva``/``Yva`` likewise,
+    ``n_val`` [B] the real validation rows of each network."""
 
     VAL_BLOCK = 256  #: validation rows forwarded at a time (activations stay in cache)
 
-    def __init__(self, Ztr, ytr, Zva, yva, init: np.ndarray, layers, adam: dict) -> None:
-        d = Ztr[0].shape[1]
-        self.Xtr = _stack_rows(Ztr, max(z.shape[0] for z in Ztr), (d,))
-        self.Ytr = _stack_rows(ytr, self.Xtr.shape[1], ())
-        self.Xva = _stack_rows(Zva, max(z.shape[0] for z in Zva), (d,))
-        self.Yva = _stack_rows(yva, self.Xva.shape[1], ()).astype(np.float64)
-        self.nva = np.asarray([z.shape[0] for z in Zva], dtype=np.int64)
+    def __init__(self, Xtr: np.ndarray, Ytr: np.ndarray, Xva: np.ndarray, Yva: np.ndarray,
+                 n_val: np.ndarray, init: np.ndarray, layers, adam: dict) -> None:
+        self.Xtr, self.Ytr, self.Xva = Xtr, Ytr, Xva
+        self.Yva = Yva.astype(np.float64)
+        self.nva = np.asarray(n_val, dtype=np.int64)
         self.flat = np.ascontiguousarray(init, dtype=np.float32)
         self.m = np.zeros_like(self.flat)
         self.v = np.zeros_like(self.flat)

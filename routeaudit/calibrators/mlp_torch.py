@@ -20,7 +20,6 @@ trained in a batch gets bit-for-bit the weights it gets trained alone
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -42,11 +41,9 @@ def _round_up(n: int, k: int = _ALIGN) -> int:
     return max(k, -(-n // k) * k)
 
 
-def _pad_rows(arrays: Sequence[np.ndarray], width: int, fill_shape: tuple) -> np.ndarray:
-    out = np.zeros((len(arrays), width, *fill_shape), dtype=np.float32)
-    for b, a in enumerate(arrays):
-        out[b, : a.shape[0]] = a
-    return out
+def _widen(a: np.ndarray, width: int) -> np.ndarray:
+    """``a`` [B, rows, ...] zero-padded to ``width`` rows."""
+    return np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2))
 
 
 def unpack(flat: torch.Tensor, layers) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -181,22 +178,23 @@ class MaskedAdam:
 
 class TorchNetworks:
     """B networks being trained, as batched torch tensors on ``device`` (the trainer
-    interface of :func:`routeaudit.calibrators.mlp_training.train`)."""
+    interface of :func:`routeaudit.calibrators.mlp_training.train`; data as
+    :class:`~routeaudit.calibrators.mlp_compiled.CompiledNetworks` takes them). Validation
+    sets are padded further to a multiple of 64 rows and masked."""
 
-    def __init__(self, Ztr, ytr, Zva, yva, init: np.ndarray, layers, adam: dict, device: str):
+    def __init__(self, Xtr: np.ndarray, Ytr: np.ndarray, Xva: np.ndarray, Yva: np.ndarray,
+                 n_val: np.ndarray, init: np.ndarray, layers, adam: dict, device: str):
         self.device = torch.device(device)
         self.layers = layers
-        d = Ztr[0].shape[1]
-        self.d = d
-        ntr = max(z.shape[0] for z in Ztr)
-        width_va = _round_up(max(z.shape[0] for z in Zva))
+        self.d = Xtr.shape[2]
+        width_va = _round_up(Xva.shape[1])
+        mask = (np.arange(width_va)[None, :] < np.asarray(n_val)[:, None]).astype(np.float32)
         dev = self.device
-        self.Xtr = torch.from_numpy(_pad_rows(Ztr, ntr, (d,))).to(dev)
-        self.Ytr = torch.from_numpy(_pad_rows(ytr, ntr, ())).to(dev)
-        self.Xva = torch.from_numpy(_pad_rows(Zva, width_va, (d,))).to(dev)
-        self.Yva = torch.from_numpy(_pad_rows(yva, width_va, ())).to(dev)
-        self.Mva = torch.from_numpy(
-            _pad_rows([np.ones(z.shape[0]) for z in Zva], width_va, ())).to(dev)
+        self.Xtr = torch.from_numpy(Xtr).to(dev)
+        self.Ytr = torch.from_numpy(Ytr).to(dev)
+        self.Xva = torch.from_numpy(_widen(Xva, width_va)).to(dev)
+        self.Yva = torch.from_numpy(_widen(Yva, width_va)).to(dev)
+        self.Mva = torch.from_numpy(mask).to(dev)
         self.flat = torch.tensor(init, dtype=torch.float32, device=dev)
         self.opt = MaskedAdam(self.flat.shape, device=dev, dtype=torch.float32, **adam)
         self.best_flat = self.flat.clone()

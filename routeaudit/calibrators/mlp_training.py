@@ -56,6 +56,15 @@ def _standardization(X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return mean, scale, active
 
 
+def _pad_rows(arrays: Sequence[np.ndarray], trailing: tuple = ()) -> np.ndarray:
+    """The networks' arrays (different row counts) as one zero-padded float32 array
+    [B, most rows, *trailing]: the layout both trainers take their data in."""
+    out = np.zeros((len(arrays), max(a.shape[0] for a in arrays), *trailing), dtype=np.float32)
+    for b, a in enumerate(arrays):
+        out[b, : a.shape[0]] = a
+    return out
+
+
 def _init_flat(rng: np.random.Generator, layers: list[tuple[int, int]]) -> np.ndarray:
     parts = []
     for fi, fo in layers:
@@ -175,14 +184,17 @@ def _networks(Ztr, ytr, Zva, yva, init, layers, cfg):
     """The trainer for ``cfg.device``: compiled on CPU (unless compiled kernels are off),
     batched torch otherwise."""
     adam = dict(lr=float(cfg.lr), weight_decay=float(cfg.weight_decay), betas=_BETAS, eps=_EPS)
+    d = Ztr[0].shape[1]
+    data = (_pad_rows(Ztr, (d,)), _pad_rows(ytr), _pad_rows(Zva, (d,)), _pad_rows(yva),
+            np.array([z.shape[0] for z in Zva], dtype=np.int64))
     if str(cfg.device) == "cpu":
         from routeaudit.calibrators.mlp_compiled import CompiledNetworks, enabled
 
         if enabled():
-            return CompiledNetworks(Ztr, ytr, Zva, yva, init, layers, adam)
+            return CompiledNetworks(*data, init, layers, adam)
     from routeaudit.calibrators.mlp_torch import TorchNetworks
 
-    return TorchNetworks(Ztr, ytr, Zva, yva, init, layers, adam, str(cfg.device))
+    return TorchNetworks(*data, init, layers, adam, str(cfg.device))
 
 
 def train(Ztr, ytr, Zva, yva, init, rngs, layers, cfg):
